@@ -89,10 +89,15 @@ class ExportConfig:
     coreml_quantize: bool = False  # 8-bit weight quantisation via coremltools.optimize
     tolerance: float = 0.01  # accuracy drop that triggers a warning for INT8
     parity_atol: float = 1e-4
+    max_samples: int = 512  # rows of --data used for parity, accuracy and static INT8 calibration
+    threads: int = 2  # onnxruntime intra-op threads for the checks and latency (phone-like)
+    latency_batch_sizes: tuple[int, ...] = (1, 32)
+    latency_repeats: int = 20  # timed runs per measurement (median reported), after 3 warm-up runs
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["formats"] = list(self.formats)
+        d["latency_batch_sizes"] = list(self.latency_batch_sizes)
         return d
 
 

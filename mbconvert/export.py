@@ -1,0 +1,470 @@
+"""Stage 5 — export: ONNX (FP32 and INT8) and Core ML artifacts, each checked against the PyTorch model.
+
+Every format is exported from `LogitsWrapper`, a thin module `(input_ids, attention_mask, token_type_ids) ->
+logits` that calls the model's own submodules but builds the 4-D additive attention mask itself:
+transformers' mask utilities (`create_bidirectional_mask`) trace into ops such as `new_ones` that
+coremltools cannot convert, and data-dependent branches that the ONNX tracer would freeze.
+
+onnx, onnxruntime and coremltools are optional (`pip install 'mbconvert[export]'`); they are imported
+inside the functions that need them so that the rest of mbconvert works without them.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ExportConfig
+from .errors import ConfigError, MissingDependencyError
+from .fileio import atomic_dir, write_json
+
+log = logging.getLogger("mbconvert")
+SCHEMA_VERSION = 1
+FORMATS = ("onnx", "onnx-int8", "coreml")
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+FP16_MAX = 65504.0
+FP16_MASK_VALUE = -3.0e4  # large enough to zero a softmax term, small enough not to overflow FP16
+SYNTHETIC_BATCH, SYNTHETIC_LEN = 8, 128
+NEEDS = {"onnx": ("onnx", "onnxruntime"), "onnx-int8": ("onnx", "onnxruntime"), "coreml": ("coremltools",)}
+
+
+class LogitsWrapper(nn.Module):
+    """BERT/MobileBERT classifier as a pure function of three integer tensors, for tracing.
+
+    Positions are 0..n-1 in every row, as transformers numbers them for BERT and MobileBERT.
+    `mask_value` is what masked positions add to the attention scores: float32's minimum reproduces
+    transformers exactly; FP16 Core ML needs a value that stays finite once cast to half precision.
+    """
+
+    def __init__(self, model: nn.Module, mask_value: float = torch.finfo(torch.float32).min):
+        super().__init__()
+        base = model.base_model
+        if getattr(base, "pooler", None) is None or not isinstance(getattr(model, "classifier", None), nn.Linear):
+            raise ConfigError(f"cannot export {type(model).__name__}: expected a BERT/MobileBERT sequence classifier "
+                              "with a pooler and a linear classifier")
+        self.embeddings, self.encoder, self.pooler = base.embeddings, base.encoder, base.pooler
+        self.classifier = model.classifier
+        self.mask_value = mask_value
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        # positions from a cumsum, not from slicing a buffer by the traced sequence length: coremltools cannot
+        # convert BERT's `seq_length + past_key_values_length` slice bound
+        position_ids = torch.ones_like(input_ids).cumsum(1) - 1
+        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+        mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * self.mask_value
+        hidden = self.encoder(hidden, attention_mask=mask)[0]
+        return self.classifier(self.pooler(hidden))
+
+
+@dataclass
+class Inputs:
+    """Token ids for parity/accuracy checks (int64 numpy, padded to one width) and labels if known."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+    labels: np.ndarray | None
+    source: str
+
+    def feeds(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name)[start:stop] for name in INPUT_NAMES}
+
+    def chunks(self, size: int = 32):
+        for start in range(0, len(self.input_ids), size):
+            yield self.feeds(start, start + size)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def require(*modules: str) -> None:
+    """Import optional modules now, so a missing extra fails before any work, with the fix in the message."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise MissingDependencyError(f"{name} is not installed; export needs the optional extra: "
+                                         "pip install 'mbconvert[export]'") from None
+
+
+def sample_inputs(model, tokenizer, data, config: ExportConfig) -> Inputs:
+    """Rows of `data` tokenised with the model's tokenizer, or a deterministic synthetic padded batch."""
+    if data is not None:
+        from .data import load_encoded
+        from .load import check_tokenizer
+
+        if tokenizer is not None:  # ids beyond the embeddings would fail deep inside the model
+            check_tokenizer(tokenizer, model.config.vocab_size)
+        enc = load_encoded(data, tokenizer, model.config, max_length=config.seq_len, limit=config.max_samples)
+        width = config.seq_len or int(enc.attention_mask.sum(1).max())  # fixed, or the longest row's length
+        ids, mask, types = (t[:, :width].numpy().astype(np.int64)
+                            for t in (enc.input_ids, enc.attention_mask, enc.token_type_ids))
+        labels = enc.labels.numpy() if enc.labels is not None else None
+        return Inputs(ids, mask, types, labels, str(data))
+    n, width = SYNTHETIC_BATCH, config.seq_len or SYNTHETIC_LEN
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, model.config.vocab_size, (n, width), generator=g)
+    lengths = torch.linspace(width, max(2, width // 4), n).long()  # row 0 unpadded, the rest padded
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    ids = ids * mask + (model.config.pad_token_id or 0) * (1 - mask)
+    return Inputs(ids.numpy(), mask.numpy(), np.zeros_like(ids.numpy()), None, "synthetic")
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, inputs: Inputs) -> np.ndarray:
+    return np.concatenate([model(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.float().numpy()
+                           for f in inputs.chunks()])
+
+
+def compare(reference: np.ndarray, logits: np.ndarray, atol: float) -> dict:
+    """Max |logit difference| and argmax agreement; `passed` needs both within tolerance and identical argmax."""
+    diff = float(np.abs(reference - logits).max())
+    agreement = float((reference.argmax(-1) == logits.argmax(-1)).mean())
+    return {"max_abs_diff": diff, "argmax_agreement": agreement, "passed": diff <= atol and agreement == 1.0,
+            "samples": int(len(reference))}
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
+    return None if labels is None else float((logits.argmax(-1) == labels).mean())
+
+
+def size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return round(sum(p.stat().st_size for p in files) / 2**20, 3)
+
+
+# ---------------------------------------------------------------------------------------------- ONNX
+
+def export_onnx(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig) -> None:
+    """Legacy TorchScript exporter: one self-contained file (the dynamo exporter writes external data)."""
+    example = tuple(torch.from_numpy(v[:2]) for v in inputs.feeds().values())
+    seq_axis = {} if config.seq_len else {1: "sequence"}
+    axes = {name: {0: "batch", **seq_axis} for name in INPUT_NAMES} | {"logits": {0: "batch"}}
+    with warnings.catch_warnings():  # "Constant folding - Only steps=1 ..." is harmless tracer noise
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(LogitsWrapper(model).eval(), example, str(path), input_names=list(INPUT_NAMES),
+                          output_names=["logits"], dynamic_axes=axes, opset_version=config.opset, dynamo=False,
+                          do_constant_folding=True)
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def onnx_session(path: str | Path, threads: int = 2):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(path: str | Path, inputs: Inputs, threads: int = 2) -> np.ndarray:
+    session = onnx_session(path, threads)
+    return np.concatenate([session.run(["logits"], feeds)[0] for feeds in inputs.chunks()])
+
+
+def onnx_latency(path: str | Path, batch: int, seq_len: int, threads: int = 2, warmup: int = 3,
+                 repeats: int = 20) -> float:
+    """Median milliseconds of one onnxruntime call on a full (unpadded) batch of token ids 1..97 (valid in
+    any vocabulary; ids do not change the cost). Reusable by benchmarks for any of the exported files."""
+    session = onnx_session(path, threads)
+    ids = (np.arange(batch * seq_len, dtype=np.int64).reshape(batch, seq_len) % 97) + 1
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    for _ in range(warmup):
+        session.run(["logits"], feeds)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.run(["logits"], feeds)
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1000, 3)
+
+
+def quantize_onnx(fp32: Path, out: Path, inputs: Inputs, static: bool) -> None:
+    """INT8 weights (dynamic: activations quantised at run time) or static QDQ calibrated on `inputs`.
+
+    onnxruntime's pre-processing (shape inference + graph optimisation) runs first; its symbolic shape
+    inference is skipped because it cannot resolve the dynamic sequence axis through the embeddings' Slices.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out.with_name("prepared.onnx")
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    try:
+        if static:
+            quantize_static(str(prepared), str(out), _CalibrationReader(inputs), weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8)
+        else:
+            quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+class _CalibrationReader:
+    """onnxruntime CalibrationDataReader over the sample inputs, 8 rows at a time."""
+
+    def __init__(self, inputs: Inputs):
+        self._chunks = iter(list(inputs.chunks(8)))
+
+    def get_next(self):
+        return next(self._chunks, None)
+
+
+def latencies(path: Path, seq_len: int, config: ExportConfig) -> dict:
+    return {f"batch{b}_ms": onnx_latency(path, b, seq_len, config.threads, repeats=config.latency_repeats)
+            for b in config.latency_batch_sizes}
+
+
+# ------------------------------------------------------------------------------------------- Core ML
+
+@torch.no_grad()
+def _activation_stats(wrapper: LogitsWrapper, feeds: list[torch.Tensor]) -> tuple[float, bool]:
+    """(peak |output|, all outputs finite) over every submodule's floating-point output."""
+    peak, finite = 0.0, True
+
+    def hook(_module, _inp, out):
+        nonlocal peak, finite
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            peak = max(peak, float(out.abs().max()))
+            finite = finite and bool(torch.isfinite(out).all())
+
+    handles = [m.register_forward_hook(hook) for m in wrapper.modules()]
+    try:
+        wrapper.eval()(*feeds)
+    finally:
+        for h in handles:
+            h.remove()
+    return peak, finite
+
+
+def fp16_check(model: nn.Module, inputs: Inputs) -> dict:
+    """Does the model survive FP16? Peak |activation| in FP32 vs 65504, and a real FP16 run for inf/NaN.
+
+    The peak catches overflows that tanh/softmax would hide; the FP16 run catches ones inside attention.
+    """
+    feeds = [torch.from_numpy(v) for v in inputs.feeds().values()]
+    fp32_peak, _ = _activation_stats(LogitsWrapper(model), feeds)
+    _, finite = _activation_stats(LogitsWrapper(copy.deepcopy(model).half(), FP16_MASK_VALUE), feeds)
+    return {"peak_abs_activation": fp32_peak, "fp16_finite": finite, "ok": fp32_peak < FP16_MAX and finite}
+
+
+def _convert(traced, inputs: Inputs, config: ExportConfig, use_fp16: bool, max_positions: int):
+    """ct.convert with int32 inputs of batch 1 and a flexible (range) or fixed sequence length."""
+    import coremltools as ct
+
+    max_len = min(config.max_seq_len, max_positions)
+    seq = config.seq_len or ct.RangeDim(1, max_len, default=min(inputs.seq_len, max_len))
+    return ct.convert(
+        traced, convert_to="mlprogram",
+        inputs=[ct.TensorType(name=name, shape=(1, seq), dtype=np.int32) for name in INPUT_NAMES],
+        outputs=[ct.TensorType(name="logits")],
+        compute_precision=ct.precision.FLOAT16 if use_fp16 else ct.precision.FLOAT32,
+        minimum_deployment_target=ct.target.iOS16 if config.coreml_quantize else ct.target.iOS15)
+
+
+def export_coreml(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig) -> dict:
+    """ML Program with FP16 compute unless the model overflows FP16; batch 1, flexible or fixed length."""
+    report: dict = {}
+    use_fp16 = config.coreml_precision == "fp16"
+    if use_fp16:
+        report["fp16_check"] = check = fp16_check(model, inputs)
+        if not check["ok"]:
+            use_fp16 = False
+            report["warning"] = (
+                f"FP16 would overflow (peak |activation| {check['peak_abs_activation']:.3g} vs {FP16_MAX:g}, "
+                f"finite in FP16: {check['fp16_finite']}): Core ML model exported with FP32 compute precision")
+    wrapper = LogitsWrapper(model, FP16_MASK_VALUE if use_fp16 else torch.finfo(torch.float32).min).eval()
+    example = tuple(torch.from_numpy(v[:1]) for v in inputs.feeds().values())
+    # coremltools' numpy warnings are benign here: a cast overflow in its range analysis, and 0/0 scales for
+    # all-zero weight rows (the padding embedding) that dequantise to exactly 0 anyway
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        traced = torch.jit.trace(wrapper, example)
+        mlmodel = _convert(traced, inputs, config, use_fp16, model.config.max_position_embeddings)
+        if config.coreml_quantize:
+            from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OptimizationConfig,
+                                                     linear_quantize_weights)
+
+            mlmodel = linear_quantize_weights(mlmodel, OptimizationConfig(
+                global_config=OpLinearQuantizerConfig(mode="linear_symmetric")))
+    mlmodel.save(str(path))
+    report.update(precision="fp16" if use_fp16 else "fp32", weights_8bit=config.coreml_quantize)
+    return report
+
+
+def inspect_coreml(path: Path) -> dict:
+    """What Linux can check: the spec loads; input/output names and shapes; MIL op count; weight bytes."""
+    import coremltools as ct
+
+    ct.models.MLModel(str(path), skip_model_load=True)
+    spec = ct.utils.load_spec(str(path))
+
+    def describe(feature) -> dict:
+        arr = feature.type.multiArrayType
+        ranges = [[r.lowerBound, r.upperBound] for r in arr.shapeRange.sizeRanges]
+        return {"name": feature.name, "shape": list(arr.shape), "ranges": ranges or None}
+
+    blocks = spec.mlProgram.functions["main"].block_specializations.values()
+    weights = path / "Data" / "com.apple.CoreML" / "weights"
+    return {"inputs": [describe(f) for f in spec.description.input],
+            "outputs": [describe(f) for f in spec.description.output],
+            "mil_ops": sum(len(b.operations) for b in blocks),
+            "weights_mb": size_mb(weights) if weights.exists() else 0.0,
+            "spec_version": spec.specificationVersion}
+
+
+def coreml_logits(path: Path, inputs: Inputs) -> np.ndarray:
+    """Predictions one row at a time (the package takes batch 1); only possible on macOS."""
+    import coremltools as ct
+
+    mlmodel = ct.models.MLModel(str(path))
+    rows = [mlmodel.predict({k: v.astype(np.int32) for k, v in inputs.feeds(i, i + 1).items()})["logits"]
+            for i in range(len(inputs.input_ids))]
+    return np.concatenate([np.asarray(r).reshape(1, -1) for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def _resolve(model_path_or_model, tokenizer, out_dir):
+    """(model, tokenizer, source description, output folder) for a path or an already-loaded model."""
+    from .load import load_classifier, load_tokenizer
+
+    tok_path = tokenizer if isinstance(tokenizer, (str, Path)) else None
+    tok_obj = None if tok_path is not None else tokenizer
+    if isinstance(model_path_or_model, nn.Module):
+        if out_dir is None:
+            raise ConfigError("out_dir is required when exporting a model object")
+        model = model_path_or_model
+        return model.eval(), tok_obj or load_tokenizer(tok_path), type(model).__name__, Path(out_dir)
+    path = Path(model_path_or_model)
+    model, tok = load_classifier(path, tokenizer=tok_path)
+    if out_dir is None:
+        out_dir = path / "export" if path.is_dir() else path.parent / f"{path.stem}-export"
+    return model.eval(), tok_obj or tok, str(path), Path(out_dir)
+
+
+def _versions() -> dict:
+    names = ("torch", "transformers", "onnx", "onnxruntime", "coremltools")
+    found = {n: getattr(sys.modules.get(n), "__version__", None) for n in names}
+    return {"python": platform.python_version(), "platform": platform.platform(), **found}
+
+
+def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray, config: ExportConfig) -> dict:
+    """model.onnx and model.int8.onnx; parity, accuracy, size and latency.
+
+    onnx-int8 implies onnx: the FP32 file is the quantiser's input and the baseline INT8 is judged against.
+    """
+    out: dict = {}
+    fp32 = tmp / "model.onnx"
+    export_onnx(model, fp32, inputs, config)
+    fp32_logits = onnx_logits(fp32, inputs, config.threads)
+    out["onnx"] = {"file": fp32.name, "size_mb": size_mb(fp32), "opset": config.opset,
+                   "dynamic_axes": ["batch"] + ([] if config.seq_len else ["sequence"]),
+                   "parity": compare(reference, fp32_logits, config.parity_atol),
+                   "accuracy": accuracy(fp32_logits, inputs.labels),
+                   "latency": latencies(fp32, inputs.seq_len, config)}
+    if not out["onnx"]["parity"]["passed"]:
+        out["onnx"]["warning"] = f"ONNX logits differ from PyTorch by {out['onnx']['parity']['max_abs_diff']:.3g}"
+    if "onnx-int8" in config.formats:
+        int8 = tmp / "model.int8.onnx"
+        quantize_onnx(fp32, int8, inputs, config.int8_static)
+        logits = onnx_logits(int8, inputs, config.threads)
+        acc32, acc8 = out["onnx"]["accuracy"], accuracy(logits, inputs.labels)
+        vs_fp32 = compare(fp32_logits, logits, config.parity_atol)
+        drop = round(acc32 - acc8 if acc8 is not None else 1.0 - vs_fp32["argmax_agreement"], 6)
+        out["onnx-int8"] = {"file": int8.name, "mode": "static" if config.int8_static else "dynamic",
+                            "size_mb": size_mb(int8), "size_ratio": round(size_mb(int8) / size_mb(fp32), 3),
+                            "vs_fp32": vs_fp32, "accuracy": acc8, "accuracy_fp32": acc32,
+                            "accuracy_drop": drop, "accuracy_basis": "labels" if acc8 is not None else "fp32 argmax",
+                            "latency": latencies(int8, inputs.seq_len, config)}
+        if drop > config.tolerance:
+            out["onnx-int8"]["warning"] = (f"INT8 loses {drop:.2%} accuracy vs FP32 ({out['onnx-int8']['accuracy_basis']}), "
+                                           f"more than the tolerance {config.tolerance:.2%}")
+    return out
+
+
+def export_coreml_format(model, tmp: Path, inputs: Inputs, reference: np.ndarray, config: ExportConfig) -> dict:
+    path = tmp / "model.mlpackage"
+    report = export_coreml(model, path, inputs, config)
+    report.update(file=path.name, size_mb=size_mb(path), spec=inspect_coreml(path))
+    if platform.system() == "Darwin":
+        exact = report["precision"] == "fp32" and not config.coreml_quantize
+        atol = config.parity_atol if exact else 1e-2 * float(np.abs(reference).max())  # FP16/8-bit: 1% of range
+        report["parity"] = compare(reference, coreml_logits(path, inputs), atol)
+    else:
+        report["parity"] = None
+        report["note"] = (f"Core ML predictions need macOS (this is {platform.system()}): the package was "
+                          "validated by its spec only, prediction parity was not measured")
+    return report
+
+
+def _summary(report: dict) -> str:
+    lines = [f"exported {report['source']} → {report['out_dir']}"]
+    for fmt, a in report["artifacts"].items():
+        parity = a.get("parity") or a.get("vs_fp32")
+        text = f"  {a['file']:<18} {a['size_mb']:8.2f} MB"
+        if parity:
+            text += f"  max|Δ| {parity['max_abs_diff']:.2e}  argmax {parity['argmax_agreement']:.1%}"
+        if a.get("latency"):
+            text += "  " + "  ".join(f"{k.replace('_ms', '')} {v:.1f} ms" for k, v in a["latency"].items())
+        if fmt == "coreml":
+            text += f"  {a['precision']}, {a['spec']['mil_ops']} MIL ops" + ("" if a["parity"] else ", no prediction here")
+        lines.append(text + ("  (see warning)" if a.get("warning") else ""))
+    return "\n".join(lines)
+
+
+def export_model(model_path_or_model, config: ExportConfig | None = None, data=None, out_dir=None,
+                 tokenizer=None) -> dict:
+    """Export to every format in `config.formats` under out_dir (atomically); returns export.json's content.
+
+    `model_path_or_model`: a converted folder or any student checkpoint (default out_dir: <folder>/export or
+    <file's folder>/<stem>-export), or a loaded classifier (then out_dir is required).
+    """
+    config = config or ExportConfig()
+    unknown = [f for f in config.formats if f not in FORMATS]
+    if unknown or not config.formats:
+        raise ConfigError(f"unknown export format(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(FORMATS)}")
+    if config.int8_static and data is None and "onnx-int8" in config.formats:
+        raise ConfigError("static INT8 needs calibration text: pass --data")
+    logging.getLogger("coremltools").setLevel(logging.ERROR)  # import-time "torch untested" noise; conversion works
+    for fmt in config.formats:
+        require(*NEEDS[fmt])
+    model, tok, source, out = _resolve(model_path_or_model, tokenizer, out_dir)
+    if config.seq_len and not 1 <= config.seq_len <= model.config.max_position_embeddings:
+        raise ConfigError(f"--seq-len {config.seq_len} is outside 1..{model.config.max_position_embeddings} "
+                          "(the model's position embeddings)")
+    inputs = sample_inputs(model, tok, data, config)
+    reference = torch_logits(model, inputs)
+    report = {"schema_version": SCHEMA_VERSION, "source": source, "out_dir": str(out),
+              "model": {"type": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+                        "num_labels": model.config.num_labels},
+              "config": config.to_dict(), "versions": _versions(),
+              "inputs": {"source": inputs.source, "rows": len(inputs.input_ids), "seq_len": inputs.seq_len,
+                         "labelled": inputs.labels is not None, "pytorch_accuracy": accuracy(reference, inputs.labels)},
+              "artifacts": {}}
+    with atomic_dir(out) as tmp:
+        if {"onnx", "onnx-int8"} & set(config.formats):
+            report["artifacts"].update(export_onnx_formats(model, tmp, inputs, reference, config))
+        if "coreml" in config.formats:
+            report["artifacts"]["coreml"] = export_coreml_format(model, tmp, inputs, reference, config)
+        report["warnings"] = [f"{fmt}: {a['warning']}" for fmt, a in report["artifacts"].items() if a.get("warning")]
+        for warning in report["warnings"]:
+            log.warning("warning: %s", warning)
+        write_json(tmp / "export.json", report)
+    print(_summary(report))
+    return report

@@ -1,0 +1,227 @@
+"""Export (mbconvert.export): ONNX FP32/INT8 and Core ML for a small MobileBERT and a small BERT student.
+
+Each model is exported once per module (fixtures); the tests then check the artifacts independently of
+the numbers export.json claims: onnxruntime on a padded batch with a real attention mask, the Core ML spec.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import helpers
+from mbconvert.config import ExportConfig
+from mbconvert.errors import ConfigError, MissingDependencyError
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("coremltools")
+
+from mbconvert.export import export_model, onnx_latency  # noqa: E402
+
+FAST = dict(latency_repeats=2)
+
+
+def mobilebert(vocab_size: int, layers: int = 2, scale_nonorm: float = 1.0):
+    from transformers import MobileBertConfig, MobileBertForSequenceClassification
+
+    cfg = MobileBertConfig(hidden_size=256, intra_bottleneck_size=64, num_attention_heads=2, num_hidden_layers=layers,
+                           embedding_size=64, intermediate_size=256, num_feedforward_networks=2,
+                           vocab_size=vocab_size, num_labels=4, id2label=dict(enumerate(helpers.LABELS)),
+                           label2id={n: i for i, n in enumerate(helpers.LABELS)})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = MobileBertForSequenceClassification(cfg).eval()
+    with torch.no_grad():  # NoNorm is an unbounded affine map: scaling it mimics MobileBERT's huge activations
+        for module in model.modules():
+            if type(module).__name__ == "NoNorm":
+                module.weight.mul_(scale_nonorm)
+    return model
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Labelled rows of 7–22 characters (padded batches), labels as ids so any model's labels fit."""
+    rows = [{"text": r["text"], "label": helpers.LABELS.index(r["label"])} for r in helpers.synthetic_rows(48, seed=3)]
+    return helpers.write_jsonl(tmp_path_factory.mktemp("data") / "test.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def mobilebert_dir(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("mobilebert")
+    mobilebert(len(tokenizer)).save_pretrained(str(d))  # 504 rows: one per tokenizer entry
+    tokenizer.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def student_file(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("student")
+    torch.save(helpers.random_student(hidden=128, layers=2, heads=2).state_dict(), d / "student.pt")
+    tokenizer.save_pretrained(str(d))
+    return d / "student.pt"
+
+
+@pytest.fixture(scope="module")
+def mobilebert_export(mobilebert_dir, data_file):
+    """All formats, flexible sequence length, parity and accuracy on the data file."""
+    return export_model(str(mobilebert_dir), ExportConfig(**FAST), data=str(data_file))
+
+
+@pytest.fixture(scope="module")
+def student_export(student_file):
+    """All formats at a fixed length of 32, synthetic inputs (no --data), 8-bit Core ML weights."""
+    return export_model(str(student_file), ExportConfig(seq_len=32, coreml_quantize=True, **FAST))
+
+
+def padded_batch(tokenizer, width=None):
+    texts = [r["text"] for r in helpers.synthetic_rows(6, seed=9)]
+    kw = dict(padding="max_length", max_length=width) if width else dict(padding=True)
+    enc = tokenizer(texts, return_tensors="pt", return_token_type_ids=True, **kw)
+    assert (enc["attention_mask"] == 0).any(), "the batch must contain padding"
+    return enc
+
+
+def check_onnx_file(path, model, enc):
+    """Run the .onnx with onnxruntime on `enc` and compare with the PyTorch model itself."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {k: v.numpy() for k, v in enc.items()})[0]
+    with torch.no_grad():
+        want = model(**enc).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    return proto
+
+
+def test_mobilebert_onnx_matches_pytorch_on_a_padded_batch(mobilebert_dir, mobilebert_export, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    onnx_report = mobilebert_export["artifacts"]["onnx"]
+    assert onnx_report["parity"]["passed"] and onnx_report["parity"]["max_abs_diff"] <= 1e-4
+    assert onnx_report["parity"]["argmax_agreement"] == 1.0 and onnx_report["parity"]["samples"] == 48
+    model = AutoModelForSequenceClassification.from_pretrained(str(mobilebert_dir), attn_implementation="eager")
+    proto = check_onnx_file(mobilebert_dir / "export" / "model.onnx", model.eval(), padded_batch(tokenizer))
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+    assert all(isinstance(b, str) and isinstance(s, str) for b, s in dims), "batch and sequence must be dynamic"
+
+
+def test_student_exports_like_mobilebert_with_fixed_length(student_file, student_export, tokenizer):
+    from mbconvert.load import load_classifier
+
+    assert student_export["out_dir"] == str(student_file.parent / "student-export")
+    assert student_export["model"]["type"] == "BertForSequenceClassification"
+    assert student_export["inputs"]["source"] == "synthetic" and student_export["inputs"]["seq_len"] == 32
+    assert student_export["artifacts"]["onnx"]["parity"]["passed"]
+    model, _ = load_classifier(student_file)
+    check_onnx_file(student_file.parent / "student-export" / "model.onnx", model, padded_batch(tokenizer, 32))
+
+
+@pytest.mark.parametrize("which", ["mobilebert_export", "student_export"])
+def test_int8_is_smaller_and_reports_agreement_and_latency(which, request):
+    report = request.getfixturevalue(which)
+    fp32, int8 = report["artifacts"]["onnx"], report["artifacts"]["onnx-int8"]
+    assert int8["size_mb"] < fp32["size_mb"] and int8["size_ratio"] < 0.5
+    assert 0.0 <= int8["vs_fp32"]["argmax_agreement"] <= 1.0
+    assert int8["mode"] == "dynamic"
+    for artifact in (fp32, int8):
+        assert set(artifact["latency"]) == {"batch1_ms", "batch32_ms"}
+        assert all(v > 0 for v in artifact["latency"].values())
+    out = json.loads((Path(report["out_dir"]) / "export.json").read_text())
+    assert out["schema_version"] == 1 and out["artifacts"]["onnx-int8"]["size_mb"] == int8["size_mb"]
+    assert {"torch", "onnxruntime", "coremltools"} <= set(out["versions"])
+
+
+def test_int8_accuracy_is_measured_on_labelled_data(mobilebert_export):
+    int8 = mobilebert_export["artifacts"]["onnx-int8"]
+    assert int8["accuracy_basis"] == "labels"
+    assert int8["accuracy_drop"] == pytest.approx(int8["accuracy_fp32"] - int8["accuracy"], abs=1e-6)
+    assert mobilebert_export["inputs"]["pytorch_accuracy"] == pytest.approx(int8["accuracy_fp32"])
+
+
+def test_int8_accuracy_drop_beyond_tolerance_warns(mobilebert_dir, data_file, tmp_path, caplog):
+    cfg = ExportConfig(formats=("onnx-int8",), tolerance=-1.0, **FAST)  # any result "drops" below -100 %
+    with caplog.at_level(logging.WARNING, logger="mbconvert"):
+        report = export_model(str(mobilebert_dir), cfg, data=str(data_file), out_dir=tmp_path / "out")
+    assert "more than the tolerance" in report["artifacts"]["onnx-int8"]["warning"]
+    assert any("onnx-int8" in w for w in report["warnings"])
+    assert any("more than the tolerance" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "out" / "model.onnx").is_file(), "onnx-int8 keeps its FP32 basis"
+
+
+def test_coreml_package_spec_flexible_and_fixed_lengths(mobilebert_dir, mobilebert_export, student_export):
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(mobilebert_dir / "export" / "model.mlpackage"))
+    assert [i.name for i in spec.description.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in spec.description.output] == ["logits"]
+    assert spec.WhichOneof("Type") == "mlProgram"
+    flexible = mobilebert_export["artifacts"]["coreml"]
+    assert flexible["precision"] == "fp16" and flexible["fp16_check"]["ok"]
+    assert all(i["ranges"] == [[1, 1], [1, 512]] for i in flexible["spec"]["inputs"])
+    assert flexible["spec"]["outputs"][0]["shape"] == [1, 4]
+    assert flexible["spec"]["mil_ops"] > 50 and 0 < flexible["spec"]["weights_mb"] <= flexible["size_mb"]
+    fixed = student_export["artifacts"]["coreml"]
+    assert all(i["shape"] == [1, 32] and i["ranges"] is None for i in fixed["spec"]["inputs"])
+    fp32_mb = student_export["artifacts"]["onnx"]["size_mb"]
+    assert fixed["weights_8bit"] and fixed["spec"]["weights_mb"] < 0.35 * fp32_mb  # 1 byte vs 4 per weight
+    if sys.platform != "darwin":
+        assert flexible["parity"] is None and "macOS" in flexible["note"]
+
+
+def test_coreml_falls_back_to_fp32_when_fp16_would_overflow(tokenizer, tmp_path, caplog):
+    model = mobilebert(len(tokenizer), layers=1, scale_nonorm=30.0)  # one layer: half the conversion time
+    cfg = ExportConfig(formats=("coreml",))
+    with caplog.at_level(logging.WARNING, logger="mbconvert"):
+        report = export_model(model, cfg, out_dir=tmp_path / "out", tokenizer=tokenizer)
+    coreml = report["artifacts"]["coreml"]
+    assert not coreml["fp16_check"]["ok"] and coreml["fp16_check"]["peak_abs_activation"] > 65504
+    assert coreml["precision"] == "fp32" and "FP32 compute precision" in coreml["warning"]
+    assert (tmp_path / "out" / "model.mlpackage").is_dir()
+    assert any("FP16 would overflow" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_extra_names_the_install_command(mobilebert_dir, monkeypatch, capsys):
+    from mbconvert.cli import main
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError, match=r"mbconvert\[export\]"):
+        export_model(str(mobilebert_dir), ExportConfig(formats=("onnx",)))
+    assert main(["export", str(mobilebert_dir), "--format", "onnx"]) == 2
+    assert "pip install 'mbconvert[export]'" in capsys.readouterr().err
+
+
+def test_bad_options_are_config_errors(mobilebert_dir):
+    with pytest.raises(ConfigError, match="unknown export format"):
+        export_model(str(mobilebert_dir), ExportConfig(formats=("tflite",)))
+    with pytest.raises(ConfigError, match="calibration"):
+        export_model(str(mobilebert_dir), ExportConfig(formats=("onnx-int8",), int8_static=True))
+    with pytest.raises(ConfigError, match="seq-len"):
+        export_model(str(mobilebert_dir), ExportConfig(formats=("onnx",), seq_len=100_000))
+
+
+def test_cli_export_onnx_writes_export_json(mobilebert_dir, tmp_path, capsys):
+    from mbconvert.cli import main
+
+    out = tmp_path / "cli-export"
+    assert main(["export", str(mobilebert_dir), "--format", "onnx", "--seq-len", "16", "-o", str(out)]) == 0
+    report = json.loads((out / "export.json").read_text())
+    assert list(report["artifacts"]) == ["onnx"] and report["artifacts"]["onnx"]["parity"]["passed"]
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
+    assert "model.onnx" in capsys.readouterr().out
+
+
+def test_onnx_latency_helper(student_export):
+    path = f"{student_export['out_dir']}/model.int8.onnx"
+    assert onnx_latency(path, batch=2, seq_len=32, threads=1, warmup=1, repeats=2) > 0
