@@ -393,7 +393,8 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
                             "accuracy_drop": drop, "accuracy_basis": "labels" if acc8 is not None else "fp32 argmax",
                             "latency": latencies(int8, inputs.seq_len, config)}
         if drop > config.tolerance:
-            out["onnx-int8"]["warning"] = (f"INT8 loses {drop:.2%} accuracy vs FP32 ({out['onnx-int8']['accuracy_basis']}), "
+            basis = out["onnx-int8"]["accuracy_basis"]
+            out["onnx-int8"]["warning"] = (f"INT8 loses {drop:.2%} accuracy vs FP32 ({basis}), "
                                            f"more than the tolerance {config.tolerance:.2%}")
     return out
 
@@ -423,7 +424,8 @@ def _summary(report: dict) -> str:
         if a.get("latency"):
             text += "  " + "  ".join(f"{k.replace('_ms', '')} {v:.1f} ms" for k, v in a["latency"].items())
         if fmt == "coreml":
-            text += f"  {a['precision']}, {a['spec']['mil_ops']} MIL ops" + ("" if a["parity"] else ", no prediction here")
+            text += f"  {a['precision']}, {a['spec']['mil_ops']} MIL ops"
+            text += "" if a["parity"] else ", no prediction here"
         lines.append(text + ("  (see warning)" if a.get("warning") else ""))
     return "\n".join(lines)
 
@@ -438,7 +440,8 @@ def export_model(model_path_or_model, config: ExportConfig | None = None, data=N
     config = config or ExportConfig()
     unknown = [f for f in config.formats if f not in FORMATS]
     if unknown or not config.formats:
-        raise ConfigError(f"unknown export format(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown export format(s) {', '.join(unknown) or '(none)'}; "
+                          f"choose from {', '.join(FORMATS)}")
     if config.int8_static and data is None and "onnx-int8" in config.formats:
         raise ConfigError("static INT8 needs calibration text: pass --data")
     logging.getLogger("coremltools").setLevel(logging.ERROR)  # import-time "torch untested" noise; conversion works
