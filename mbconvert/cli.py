@@ -26,6 +26,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="student: .pt/.bin state dict, .safetensors, HF folder, or UER-py checkpoint")
     p.add_argument("-o", "--output", default=None, help="output folder (default: checkpoints/<name>-mobilebert)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder when none sits beside the source")
+    p.add_argument("--labels", default=None, help="labels.json (class names by id) when no config.json says")
     p.add_argument("--bottleneck", type=int, default=128, help="MobileBERT intra-bottleneck size (default 128)")
     p.add_argument("--ffn", type=int, default=4, help="stacked FFNs per layer (default 4)")
     p.add_argument("--heads", type=int, default=None, help="the student's head count when no config.json says")
@@ -115,7 +116,7 @@ def run(command: str, a: argparse.Namespace) -> int:
                             embedding_size=a.embedding_size, norm=a.norm, act=a.act, heads=a.heads,
                             calib_samples=a.calib_samples, seed=a.seed)
         recovery = _recovery_config(a) if a.train else None
-        convert(a.source, a.output, cfg, calib=a.calib or a.train, tokenizer=a.tokenizer, train=a.train,
+        convert(a.source, a.output, cfg, calib=a.calib or a.train, tokenizer=a.tokenizer, labels=a.labels, train=a.train,
                 eval_data=a.eval, recovery=recovery, resume=a.resume)
         return 0
     if command == "recover":

@@ -131,7 +131,7 @@ def _label_id(value, label2id, num_labels, path, n) -> int:
 def label_names_for(path: str | os.PathLike) -> list[str] | None:
     """labels.json beside a data file (a list of names by id), if there is one."""
     p = Path(path)
-    cand = (p if p.is_dir() else p.parent) / "labels.json"
+    cand = p if p.suffix == ".json" else (p if p.is_dir() else p.parent) / "labels.json"
     if cand.is_file():
         names = json.loads(cand.read_text(encoding="utf-8"))
         if isinstance(names, list) and all(isinstance(x, str) for x in names):

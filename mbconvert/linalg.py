@@ -107,18 +107,20 @@ def balanced_groups(importance: torch.Tensor, n_groups: int, group_size: int) ->
     return [sorted(g) for g in groups]
 
 
-def relu_calibration(pre: torch.Tensor | None, act, steps: int = 150) -> tuple[torch.Tensor, torch.Tensor, float]:
+def relu_calibration(pre: torch.Tensor | None, act, steps: int = 80, max_rows: int = 2048
+                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Per-neuron a, c so that relu(a·p + c) ≈ act(p) over the neuron's own pre-activations p.
 
+    Two parameters per neuron need few tokens: at most `max_rows` (evenly strided) are used.
     Returns (a, c, R² of the fit). Without data, a = 1, c = 0 (plain swap).
     """
     if pre is None:
         return None, None, float("nan")
-    p = pre.float()
+    p = pre.float()[:: max(1, pre.shape[0] // max_rows)]
     target = act(p)
     a = torch.ones(p.shape[1], requires_grad=True)
     c = torch.zeros(p.shape[1], requires_grad=True)
-    opt = torch.optim.Adam([a, c], lr=0.02)
+    opt = torch.optim.Adam([a, c], lr=0.03)
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad()

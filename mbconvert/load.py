@@ -20,6 +20,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from . import adapters
+from .data import label_names_for
 from .errors import (CorruptFileError, NonFiniteWeightsError, ShapeMismatchError, TokenizerError,
                      UnknownArchitectureError)
 from .fileio import safe_torch_load
@@ -50,12 +51,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CorruptFileError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorsError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
-        except (SafetensorsError, OSError, RuntimeError, ValueError) as e:
+        except Exception as e:  # safetensors raises its own SafetensorError (a Rust type) and OSError
             raise CorruptFileError(f"{path}: truncated or corrupt safetensors file ({str(e).splitlines()[0][:120]})") from None
     obj = safe_torch_load(path)
     for wrapper in ("state_dict", "model_state_dict", "model"):  # common training-loop checkpoints
@@ -181,8 +181,12 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
 
 
 def load_student(path: str | Path, *, heads: int | None = None, tokenizer: str | Path | None = None,
-                 num_labels: int | None = None, require_tokenizer: bool = True, seed: int = 0) -> SourceModel:
-    """Load a student checkpoint of any supported format into a canonical BertForSequenceClassification."""
+                 num_labels: int | None = None, labels: str | Path | None = None, require_tokenizer: bool = True,
+                 seed: int = 0) -> SourceModel:
+    """Load a student checkpoint of any supported format into a canonical BertForSequenceClassification.
+
+    Class names come from config.json, else from `labels` or a labels.json beside the checkpoint (a JSON
+    list of names by id), else they stay LABEL_0…"""
     path = Path(path)
     base = None
     if path.is_dir():
@@ -204,7 +208,14 @@ def load_student(path: str | Path, *, heads: int | None = None, tokenizer: str |
         raise UnknownArchitectureError(f"{weights}: unknown key layout (first keys: {sample}); "
                                        "supported: Hugging Face BERT/RoBERTa names, UER-py names")
     canonical, unmapped = adapters.to_canonical(sd, family)
+    names = label_names_for(labels) if labels else label_names_for(tok_dir)
+    if labels and names is None:
+        raise CorruptFileError(f"{labels}: expected a JSON list of class names")
+    if names and not (base or {}).get("id2label"):
+        base = {**(base or {}), "id2label": dict(enumerate(names))}
     config = infer_config(canonical, base, heads=heads, num_labels=num_labels)
+    if labels and len(names) != config.num_labels:
+        raise ShapeMismatchError(f"{labels} names {len(names)} classes but the classifier has {config.num_labels}")
     model, has_head = build_model(canonical, config, seed=seed)
     if not has_head:
         log.warning("%s has no classification head: the encoder converts, but a head must come from fine-tuning "

@@ -1,0 +1,136 @@
+"""The `mbconvert` command: conversion output, and one clear line + exit 2 for every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import helpers
+from mbconvert.cli import main
+
+
+@pytest.fixture(scope="module")
+def student_pt(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("cli_student")
+    model = helpers.random_student(hidden=512, layers=4, heads=8)
+    torch.save(model.state_dict(), d / "student.pt")
+    tokenizer.save_pretrained(str(d))
+    (d / "labels.json").write_text(json.dumps(helpers.LABELS))  # a state dict has no class names: read beside it
+    return d / "student.pt"
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_convert_writes_a_folder_that_automodel_loads(student_pt, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, MobileBertForSequenceClassification
+
+    out = tmp_path / "out"
+    code, _, err = run_cli([student_pt, "--bottleneck", "128", "-o", out], capsys)
+    assert code == 0, err
+    model = AutoModelForSequenceClassification.from_pretrained(str(out))
+    assert isinstance(model, MobileBertForSequenceClassification)
+    c = model.config
+    assert (c.hidden_size, c.intra_bottleneck_size, c.num_feedforward_networks) == (512, 128, 4)
+    assert (c.hidden_act, c.normalization_type, c.num_attention_heads, c.intermediate_size) == ("relu", "no_norm", 4, 512)
+    assert c.id2label == {0: "news_a", 1: "news_b", 2: "news_c", 3: "news_d"}
+    tok = AutoTokenizer.from_pretrained(str(out))
+    logits = model(**tok(["一丁七", "万丈"], padding=True, return_tensors="pt")).logits
+    assert logits.shape == (2, 4) and torch.isfinite(logits).all()
+    report = json.loads((out / "conversion.json").read_text())
+    assert len(report["layers"]) == 4
+    assert report["target"]["num_attention_heads"] == 4
+    for layer in report["layers"]:
+        assert len(layer["attention"]["heads_kept"]) == 4
+        assert layer["ffn"]["neurons_kept"] == 2048
+
+
+def test_same_input_and_seed_give_identical_bytes(student_pt, tmp_path, capsys):
+    for name in ("a", "b"):
+        assert run_cli([student_pt, "--bottleneck", "64", "--ffn", "2", "-o", tmp_path / name], capsys)[0] == 0
+    for f in ("model.safetensors", "config.json", "conversion.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def _truncated(src, d):
+    p = d / "student.pt"
+    p.write_bytes(src.read_bytes()[: 10_000])
+    return [p]
+
+
+def _corrupt_safetensors(src, d):
+    p = d / "student.safetensors"
+    p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\0" * 64)
+    return [p]
+
+
+def _unknown_layout(src, d):
+    torch.save({"encoder.blocks.0.attn.weight": torch.zeros(4, 4)}, d / "student.pt")
+    return [d / "student.pt"]
+
+
+def _shape_mismatch(src, d):
+    sd = torch.load(src, weights_only=True)
+    sd["bert.encoder.layer.2.output.dense.weight"] = torch.zeros(512, 1000)
+    torch.save(sd, d / "student.pt")
+    return [d / "student.pt"]
+
+
+def _nan_weights(src, d):
+    sd = torch.load(src, weights_only=True)
+    sd["bert.encoder.layer.1.attention.self.query.weight"][0, 0] = float("nan")
+    torch.save(sd, d / "student.pt")
+    return [d / "student.pt"]
+
+
+def _bottleneck_too_large(src, d):
+    (d / "student.pt").write_bytes(src.read_bytes())
+    return [d / "student.pt", "--bottleneck", "1024"]
+
+
+def _tokenizer_mismatch(src, d):
+    (d / "student.pt").write_bytes(src.read_bytes())
+    (d / "vocab.txt").write_text("\n".join(helpers.SPECIAL + helpers.CHARS[:50]) + "\n")
+    return [d / "student.pt", "--tokenizer", d]
+
+
+def _missing_tokenizer(src, d):
+    (d / "student.pt").write_bytes(src.read_bytes())
+    return [d / "student.pt"]
+
+
+def _missing_file(src, d):
+    return [d / "nope.pt"]
+
+
+@pytest.mark.parametrize("make_bad", [_truncated, _corrupt_safetensors, _unknown_layout, _shape_mismatch, _nan_weights,
+                                      _bottleneck_too_large, _tokenizer_mismatch, _missing_tokenizer, _missing_file])
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(make_bad, student_pt, tmp_path, capsys, tokenizer):
+    d = tmp_path / "in"
+    d.mkdir()
+    if make_bad not in (_tokenizer_mismatch, _missing_tokenizer):
+        tokenizer.save_pretrained(str(d))
+    args = make_bad(student_pt, d)
+    out = tmp_path / "out"
+    code, _, err = run_cli([*args, "-o", out], capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("mbconvert: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+
+
+def test_safetensors_written_by_us_round_trip(student_pt, tmp_path, capsys):
+    sd = torch.load(student_pt, weights_only=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "s.safetensors"))
+    (tmp_path / "vocab.txt").write_text((student_pt.parent / "tokenizer.json").exists() and
+                                        "\n".join(helpers.SPECIAL + helpers.CHARS) + "\n")
+    code, _, err = run_cli([tmp_path / "s.safetensors", "-o", tmp_path / "o", "--bottleneck", "64"], capsys)
+    assert code == 0, err
