@@ -38,6 +38,7 @@ class RecoveryConfig:
     max_length: int | None = None  # default: from the data (99th percentile of token lengths)
     lr: float = 5e-4  # MobileBERT from a mapping tolerates a large LR (NoNorm, ReLU)
     layerwise_lr: float = 1e-3
+    lower_layer_lr_scale: float = 0.1  # layer-wise stage: LR factor for the layers below (and embeddings); 0 freezes
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
     temperature: float = 3.0
@@ -52,6 +53,8 @@ class RecoveryConfig:
     seed: int = 0
     device: str | None = None  # default: cuda when available, else cpu
     threads: int | None = None  # torch threads (default: all cores)
+    progress: bool = True  # tqdm bars on stderr
+    stop_after_steps: int | None = None  # checkpoint and stop as Ctrl-C would after this many steps (tests)
 
     def to_dict(self) -> dict:
         return asdict(self)

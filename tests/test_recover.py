@@ -1,0 +1,176 @@
+"""Recovery (mbconvert.recover, mbconvert.losses): what a user of `mbconvert recover` can rely on.
+
+The model to recover is a deliberately lossy conversion of the trained student: bottleneck 16, one FFN,
+16-wide embeddings and no calibration data, which leaves it near chance on the synthetic task.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from mbconvert import cli
+from mbconvert.adapter import MobileBERTAdapter
+from mbconvert.config import ConvertConfig, RecoveryConfig
+from mbconvert.data import Encoded, load_encoded
+from mbconvert.errors import DataError
+from mbconvert.load import load_student
+from mbconvert.losses import LOSSES, attention_kl_mapped, attention_kl_mean_heads, kd_logits, relation_kl
+from mbconvert.recover import STATE_FILE, plan_stages, recover
+
+
+@pytest.fixture(scope="module")
+def teacher(trained_student):
+    return load_student(trained_student)
+
+
+@pytest.fixture(scope="module")
+def lossy(teacher):
+    """The unrecovered MobileBERT: a weights-only mapping into a tiny bottleneck."""
+    mobile, _ = MobileBERTAdapter(ConvertConfig(bottleneck=16, ffn=1, embedding_size=16)).convert(teacher)
+    return mobile
+
+
+@pytest.fixture(scope="module")
+def data(teacher, task_data):
+    tok, cfg = teacher.tokenizer, teacher.config
+    return {"train": load_encoded(task_data["train"], tok, cfg, limit=384),
+            "dev": load_encoded(task_data["dev"], tok, cfg, limit=96)}
+
+
+def accuracy(model, encoded: Encoded) -> float:
+    with torch.no_grad():
+        pred = model.eval()(**{k: v for k, v in encoded.batch(slice(None)).items() if k != "labels"}).logits
+    return float((pred.argmax(-1) == encoded.labels).float().mean())
+
+
+# -------------------------------------------------------------------- losses
+def test_relation_loss_is_zero_for_identical_inputs():
+    torch.manual_seed(0)
+    qkv = tuple(torch.randn(2, 7, 32) for _ in range(3))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    assert relation_kl(qkv, qkv, mask, heads=4).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_relation_loss_compares_models_with_different_head_counts_and_widths():
+    """Teacher q/k/v 256 wide (4 heads of 64), student q/k 16 wide and v 16 wide: only T×T relations meet."""
+    torch.manual_seed(0)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, 6:] = 0
+    teacher = tuple(torch.randn(3, 9, 256) for _ in range(3))
+    student = tuple(torch.randn(3, 9, 16, requires_grad=True) for _ in range(3))
+    loss = relation_kl(student, teacher, mask, heads=8)
+    loss.backward()
+    assert loss.item() > 0 and all(torch.isfinite(s.grad).all() for s in student)
+    # padding never counts: changing padded positions leaves the loss unchanged
+    padded = tuple(t.clone() for t in teacher)
+    for t in padded:
+        t[0, 6:] = 100.0
+    assert relation_kl(student, padded, mask, heads=8).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_attention_losses_and_kd_vanish_on_identical_inputs():
+    torch.manual_seed(0)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    teacher = torch.randn(2, 4, 5, 5).softmax(-1)
+    assert attention_kl_mean_heads(teacher[:, :2], teacher, mask).item() > 0  # 2 student heads vs 4
+    assert attention_kl_mapped(teacher[:, [3, 1]], teacher, mask, head_map=[3, 1]).item() == pytest.approx(0, abs=1e-6)
+    logits = torch.randn(4, 3)
+    assert kd_logits(logits, logits).item() == pytest.approx(0, abs=1e-6)
+    assert set(LOSSES) >= {"hidden_mse", "relation_kl", "attention_kl_mean_heads", "kd_logits"}
+
+
+# -------------------------------------------------------------------- recovery
+def test_plan_splits_steps_or_the_time_budget_between_layers_and_the_task_stage():
+    stages = plan_stages(RecoveryConfig(steps=100, layerwise_share=0.3), n_layers=4, n_rows=1000)
+    assert [(s.layer, s.steps) for s in stages] == [(0, 8), (1, 8), (2, 7), (3, 7), (None, 70)]
+    one_epoch = plan_stages(RecoveryConfig(batch_size=32), n_layers=4, n_rows=1000)
+    assert sum(s.steps for s in one_epoch) == 32
+    timed = plan_stages(RecoveryConfig(budget_s=600, layerwise_share=0.2), n_layers=4, n_rows=1000)
+    assert [(s.start_s, s.deadline_s) for s in timed] == [(0, 30), (30, 60), (60, 90), (90, 120), (120, 600)]
+
+
+def test_recovery_repairs_a_lossy_conversion_and_stops_within_tolerance(lossy, teacher, data, tmp_path):
+    model = copy.deepcopy(lossy)
+    before = accuracy(model, data["dev"])
+    cfg = RecoveryConfig(steps=80, batch_size=32, eval_every=8, progress=False)
+    summary = recover(model, teacher.model, data["train"], cfg, eval_data=data["dev"], out_dir=tmp_path)
+    after = accuracy(model, data["dev"])
+    assert before < 0.7 and summary["initial_accuracy"] == pytest.approx(before)
+    assert after >= summary["teacher_accuracy"] - cfg.tolerance  # within ±1 point of the student
+    assert summary["early_stopped"] and summary["steps"] < 80
+    assert after == pytest.approx(summary["final_accuracy"])  # the best model is the one left in place
+    written = json.loads((tmp_path / "recovery.json").read_text(encoding="utf-8"))
+    assert written["stages"]["layer-wise"]["steps"] == 24 and written["stages"]["layer-wise"]["loss"]
+    assert written["accuracy_curve"][0][0] == 0 and not (tmp_path / STATE_FILE).exists()
+
+
+def test_resume_after_interruptions_equals_an_uninterrupted_run(lossy, teacher, data, tmp_path):
+    """Interrupted once in the layer-wise stage and once in the task stage, resumed each time."""
+    cfg = RecoveryConfig(steps=12, layerwise_share=0.5, batch_size=16, eval_every=2, tolerance=-1.0,
+                         progress=False, seed=3)
+    reference = copy.deepcopy(lossy)
+    expected = recover(reference, teacher.model, data["train"], cfg, eval_data=data["dev"], out_dir=tmp_path / "a")
+
+    model = copy.deepcopy(lossy)
+    run = dict(eval_data=data["dev"], out_dir=tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        recover(model, teacher.model, data["train"], dataclasses.replace(cfg, stop_after_steps=3), **run)
+    assert (tmp_path / "b" / STATE_FILE).is_file()
+    model = copy.deepcopy(lossy)  # a fresh process: only the checkpoint survives
+    with pytest.raises(KeyboardInterrupt):
+        recover(model, teacher.model, data["train"], dataclasses.replace(cfg, stop_after_steps=9), resume=True, **run)
+    model = copy.deepcopy(lossy)
+    resumed = recover(model, teacher.model, data["train"], cfg, resume=True, **run)
+
+    want, got = reference.state_dict(), model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert [c[::2] for c in resumed["accuracy_curve"]] == [c[::2] for c in expected["accuracy_curve"]]
+    assert resumed["steps"] == expected["steps"] == 12
+
+
+def test_empty_training_data_is_a_data_error(lossy, teacher, data):
+    empty = Encoded(*(t[:0] for t in (data["train"].input_ids, data["train"].attention_mask,
+                                      data["train"].token_type_ids, data["train"].labels)))
+    with pytest.raises(DataError, match="no rows"):
+        recover(copy.deepcopy(lossy), teacher.model, empty, RecoveryConfig(steps=1, progress=False))
+
+
+# -------------------------------------------------------------------- the command
+@pytest.fixture(scope="module")
+def converted_dir(lossy, teacher, tmp_path_factory):
+    d = tmp_path_factory.mktemp("converted")
+    lossy.save_pretrained(str(d))
+    teacher.tokenizer.save_pretrained(str(d))
+    return d
+
+
+@pytest.mark.parametrize("content, message", [("", "empty"),
+                                              ('{"text": "一二三", "label": "sports"}\n', "unknown label")])
+def test_bad_training_data_exits_2_with_one_line(converted_dir, trained_student, tmp_path, capsys, content, message):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(content, encoding="utf-8")
+    code = cli.main(["recover", str(converted_dir), "--teacher", str(trained_student), "--train", str(bad),
+                     "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("mbconvert:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_recover_command_saves_a_reloadable_model(converted_dir, trained_student, task_data, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    small = tmp_path / "train.jsonl"
+    small.write_text("".join(task_data["train"].read_text(encoding="utf-8").splitlines(True)[:64]), encoding="utf-8")
+    out = tmp_path / "out"
+    code = cli.main(["recover", str(converted_dir), "--teacher", str(trained_student), "--train", str(small),
+                     "--eval", str(task_data["dev"]), "--steps", "4", "--batch-size", "16", "-o", str(out)])
+    assert code == 0 and " vs teacher " in capsys.readouterr().out
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out))
+    assert reloaded.config.model_type == "mobilebert" and (out / "model.safetensors").is_file()
+    assert json.loads((out / "recovery.json").read_text(encoding="utf-8"))["steps"] <= 4
