@@ -1,0 +1,128 @@
+"""The MobileBERTAdapter: what each mapped piece must preserve, measured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import helpers
+from mbconvert.adapter import MobileBERTAdapter, evaluate_mapping
+from mbconvert.cli import main
+from mbconvert.config import ConvertConfig
+from mbconvert.data import encode, read_examples
+from mbconvert.errors import ConfigError
+from mbconvert.load import load_student
+
+
+@pytest.fixture(scope="module")
+def source(trained_student):
+    return load_student(trained_student)
+
+
+@pytest.fixture(scope="module")
+def calib(source, task_data):
+    rows = read_examples(task_data["train"], label2id=source.config.label2id).subset(128, seed=0)
+    return encode(rows, source.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def held_out(source, task_data):
+    return encode(read_examples(task_data["dev"], label2id=source.config.label2id), source.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def mapped(source, calib):
+    return MobileBERTAdapter(ConvertConfig(bottleneck=64, ffn=4)).convert(source, calib)
+
+
+def test_embedding_factorisation_error_is_the_dropped_singular_values(source, mapped):
+    mobile, report = mapped
+    word = source.model.bert.embeddings.word_embeddings.weight.detach().double()
+    singular = torch.linalg.svdvals(word)
+    e = 128
+    expected = singular[e:].pow(2).sum().sqrt()
+    emb = mobile.mobilebert.embeddings
+    centre = emb.embedding_transformation.weight[:, e:2 * e].double()  # the current token's block
+    rebuilt = emb.word_embeddings.weight.double() @ centre.T
+    assert torch.allclose((word - rebuilt).norm(), expected, rtol=1e-4)
+    assert report["embeddings"]["frobenius_error"] == pytest.approx(float(expected), rel=1e-4)
+    neighbours = torch.cat([emb.embedding_transformation.weight[:, :e], emb.embedding_transformation.weight[:, 2 * e:]], 1)
+    assert neighbours.abs().max() == 0  # trigram neighbour blocks start at zero
+
+
+def test_classifier_head_is_copied_exactly(source, mapped):
+    mobile, _ = mapped
+    assert torch.equal(mobile.classifier.weight, source.model.classifier.weight)
+    assert torch.equal(mobile.mobilebert.pooler.dense.weight, source.model.bert.pooler.dense.weight)
+
+
+def test_heads_and_neurons_are_chosen_by_importance_and_balanced(mapped):
+    _, report = mapped
+    for layer in report["layers"]:
+        att = layer["attention"]
+        assert len(att["heads_kept"]) == 2 and len(set(att["heads_kept"])) == 2
+        assert att["importance_kept"] >= 0.5  # the 2 most important of 4 heads carry at least half
+        ffn = layer["ffn"]
+        assert ffn["neurons_kept"] == ffn["neurons_total"] == 1024  # 4 FFNs × 256 = all neurons
+        shares = ffn["importance_share_per_ffn"]
+        assert max(shares) - min(shares) < 0.02 and sum(shares) == pytest.approx(1.0)
+
+
+def test_mapped_model_beats_random_init_clearly(source, mapped, held_out):
+    mobile, _ = mapped
+    result = evaluate_mapping(source.model, mobile, held_out)
+    conv, rand = result["converted"], result["random_init"]
+    assert conv["agreement"] >= 0.9 > rand["agreement"] + 0.3
+    for c, r in zip(conv["layer_cosine"], rand["layer_cosine"]):
+        assert c > 0.8 and c > r + 0.5
+
+
+def test_calibration_beats_weights_only(source, calib, held_out, mapped):
+    weights_only, _ = MobileBERTAdapter(ConvertConfig(bottleneck=64, ffn=4)).convert(source)
+    fitted = evaluate_mapping(source.model, mapped[0], held_out)["converted"]["layer_cosine"]
+    blind = evaluate_mapping(source.model, weights_only, held_out)["converted"]["layer_cosine"]
+    assert fitted[-1] > blind[-1]
+
+
+@pytest.mark.parametrize("options", [dict(norm="layer_norm"), dict(act="gelu"), dict(ffn=2, intermediate_size=128)])
+def test_fidelity_options_convert_and_stay_close(source, calib, held_out, options):
+    mobile, _ = MobileBERTAdapter(ConvertConfig(bottleneck=64, **options)).convert(source, calib)
+    assert mobile.config.normalization_type == options.get("norm", "no_norm")
+    assert mobile.config.hidden_act == options.get("act", "relu")
+    result = evaluate_mapping(source.model, mobile, held_out)["converted"]
+    assert result["agreement"] >= 0.8 and result["layer_cosine"][-1] > 0.7
+
+
+def test_any_bert_shape_converts_with_derived_defaults():
+    """A MiniLM-shaped student (hidden 384, 12 heads, intermediate 1536): nothing assumes 512/8/2048."""
+    student = helpers.random_student(hidden=384, layers=2, heads=12, intermediate=1536)
+    mobile, report = MobileBERTAdapter(ConvertConfig()).convert(student)
+    c = mobile.config
+    assert (c.hidden_size, c.intra_bottleneck_size, c.num_attention_heads, c.intermediate_size) == (384, 128, 4, 512)
+    assert report["target"]["num_attention_heads"] == 4 and report["target"]["intermediate_size"] == 512
+    tiny = helpers.random_student(hidden=128, layers=1, heads=2, intermediate=256)
+    mobile, _ = MobileBERTAdapter(ConvertConfig(bottleneck=64, embedding_size=64)).convert(tiny)
+    assert mobile.config.num_attention_heads == 2  # never more heads than the student has
+
+
+def test_impossible_shapes_are_config_errors():
+    student = helpers.random_student(hidden=128, layers=1, heads=2, intermediate=256)
+    for bad in (dict(bottleneck=128), dict(bottleneck=64, heads_out=4), dict(bottleneck=60, heads_out=8),
+                dict(bottleneck=64, embedding_size=1000)):
+        with pytest.raises(ConfigError):
+            MobileBERTAdapter(ConvertConfig(**bad)).convert(student)
+
+
+def test_cli_with_calibration_reports_agreement_before_training(trained_student, task_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([str(trained_student), "--bottleneck", "64", "--calib", str(task_data["train"]),
+                 "--calib-samples", "96", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "conversion.json").read_text())
+    ev = report["evaluation"]
+    assert ev["texts"] > 0
+    assert ev["converted"]["agreement"] > ev["random_init"]["agreement"]
+    assert ev["converted"]["layer_cosine"][-1] > ev["random_init"]["layer_cosine"][-1] + 0.5
+    assert report["calibration"]["texts"] == 96
