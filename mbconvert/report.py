@@ -1,0 +1,265 @@
+"""Render a check report (the dict that becomes report.json) as Markdown, HTML with plots, and a terminal summary.
+
+The report dict is the single source of truth: CheckResult.to_dict(), report.json, report.md, report.html and
+the summary all come from it, so a report.json read back later renders the same way. Plots are drawn with
+matplotlib's object API (`Figure`, Agg canvas) rather than pyplot: no global state, no display needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+
+from .fileio import atomic_dir, write_json
+
+SCHEMA_VERSION = 1
+SIDES = ("original", "converted")
+PLOTS = ("overview.png", "per_class_f1.png", "similarity.png")
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
+    """report.json, report.md, report.html and the PNG plots, all moved into `out_dir` at once."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "report.json", report)
+        images = {name: png for name, png in render_plots(report).items() if png}
+        for name, png in images.items():
+            (tmp / name).write_bytes(png)
+        (tmp / "report.md").write_text(render_markdown(report, list(images)), encoding="utf-8")
+        (tmp / "report.html").write_text(render_html(report, images), encoding="utf-8")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------- numbers → text
+
+def _num(x, digits=4) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _points(x) -> str:
+    return f"{100 * x:+.2f} points"
+
+
+def _mb(n) -> str:
+    return "—" if n is None else f"{n / 2 ** 20:.1f} MB"
+
+
+def _millions(n) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def verdict(report: dict) -> str:
+    acc = report["accuracy"]
+    word = "PASS" if report["passed"] else "FAIL"
+    rel = "within" if acc["within_tolerance"] else "outside"
+    return (f"{word}: accuracy difference {_points(acc['difference'])} (converted {_num(acc['converted'])} vs original "
+            f"{_num(acc['original'])}) is {rel} ±{100 * report['tolerance']:.2f} points")
+
+
+def _latency(report: dict, side: str, batch: int) -> dict | None:
+    return next((x for x in report["models"][side]["latency"] if x["batch_size"] == batch), None)
+
+
+def _batches(report: dict) -> list[int]:
+    return [x["batch_size"] for x in report["models"]["original"]["latency"]]
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) for every table; Markdown and HTML both render these."""
+    m, acc = report["models"], report["accuracy"]
+    out = [("Accuracy", ["", "original", "converted"], [
+        ["accuracy", _num(acc["original"]), _num(acc["converted"])],
+        ["macro-F1", _num(m["original"]["macro_f1"]), _num(m["converted"]["macro_f1"])],
+        ["difference (converted − original)", "", _points(acc["difference"])],
+        ["prediction agreement", "", _num(report["agreement"])],
+    ])]
+    per_class = []
+    for o, c in zip(m["original"]["per_class"], m["converted"]["per_class"]):
+        per_class.append([o["label"], str(o["support"])] + [_num(o[k], 3) for k in ("precision", "recall", "f1")]
+                         + [_num(c[k], 3) for k in ("precision", "recall", "f1")])
+    out.append(("Per class", ["label", "support", "orig P", "orig R", "orig F1", "conv P", "conv R", "conv F1"],
+                per_class))
+    out.append(("Where they disagree most", ["original predicts", "converted predicts", "texts"],
+                [[d["original"], d["converted"], str(d["count"])] for d in report["disagreements"]] or
+                [["(none)", "", "0"]]))
+    latency = []
+    for b in _batches(report):
+        lo, lc = _latency(report, "original", b), _latency(report, "converted", b)
+        latency.append([str(b), str(lo["seq_len"]), _num(lo["median_ms"], 2), _num(lo["p90_ms"], 2),
+                        _num(lc["median_ms"], 2), _num(lc["p90_ms"], 2), f"{lo['throughput_per_s']:.1f}",
+                        f"{lc['throughput_per_s']:.1f}"])
+    out.append((f"Latency (ms; torch threads: {report['threads']})",
+                ["batch", "seq len", "orig median", "orig p90", "conv median", "conv p90", "orig texts/s",
+                 "conv texts/s"], latency))
+    so, sc = m["original"]["size"], m["converted"]["size"]
+    out.append(("Size and memory", ["", "original", "converted"], [
+        ["parameters", _millions(so["parameters"]), _millions(sc["parameters"])],
+        ["file size (safetensors)", _mb(so["file_bytes"]), _mb(sc["file_bytes"])],
+        ["peak forward memory (RSS)", _mb(so["forward_peak_rss_bytes"]), _mb(sc["forward_peak_rss_bytes"])],
+    ]))
+    sim = report["similarity"]
+    n = max(len(sim["layer_cosine"]), len(sim["attention_js"]) + 1 if sim["attention_js"] else 0)
+    rows = []
+    for i in range(n):
+        cos = sim["layer_cosine"][i] if i < len(sim["layer_cosine"]) else None
+        mse = sim["layer_rel_mse"][i] if i < len(sim["layer_rel_mse"]) else None
+        kl = sim["attention_kl"][i - 1] if 0 < i <= len(sim["attention_kl"]) else None
+        js = sim["attention_js"][i - 1] if 0 < i <= len(sim["attention_js"]) else None
+        rows.append(["embeddings" if i == 0 else str(i), _num(cos), _num(mse), _num(kl), _num(js)])
+    out.append(("Layer similarity", ["layer", "hidden cosine", "hidden rel. MSE", "attention KL", "attention JS"],
+                rows or [["(not comparable)", "", "", "", ""]]))
+    inputs = report["inputs"]
+    out.append(("Inputs and versions", ["", ""],
+                [[k, str(v)] for k, v in inputs.items()] + [[k, str(v)] for k, v in report["versions"].items()]
+                + [["threads", str(report["threads"])], ["memory method", report["memory_method"]]]))
+    return out
+
+
+def render_markdown(report: dict, images: list[str]) -> str:
+    lines = ["# mbconvert check", "", f"**{verdict(report)}**", ""]
+    if report["similarity"].get("note"):
+        lines += [f"> {report['similarity']['note']}", ""]
+    for title, header, rows in tables(report):
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines.append("")
+    lines += [f"![{name[:-4]}]({name})" for name in images]
+    return "\n".join(lines) + "\n"
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+       "table{border-collapse:collapse;margin-bottom:1.5rem}td,th{border:1px solid #ccc;padding:.25rem .6rem;"
+       "text-align:right}td:first-child,th:first-child{text-align:left}.pass{color:#070}.fail{color:#b00}"
+       "img{max-width:100%}")
+
+
+def render_html(report: dict, images: dict[str, bytes]) -> str:
+    """A single self-contained file: the PNGs are embedded as base64 data URIs."""
+    e = html.escape
+    cls = "pass" if report["passed"] else "fail"
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mbconvert check</title>",
+             f"<style>{CSS}</style></head><body><h1>mbconvert check</h1>", f"<p class='{cls}'><b>{e(verdict(report))}</b></p>"]
+    if report["similarity"].get("note"):
+        parts.append(f"<p><i>{e(report['similarity']['note'])}</i></p>")
+    for name, png in images.items():
+        parts.append(f"<img alt='{e(name[:-4])}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    for title, header, rows in tables(report):
+        parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def render_summary(report: dict) -> str:
+    """One screen for the terminal, ending with the PASS/FAIL line."""
+    m, acc, inputs = report["models"], report["accuracy"], report["inputs"]
+    row = "{:<24}{:>14}{:>14}"
+    lines = [f"mbconvert check: {inputs['rows']} texts, sequence length {inputs['seq_len']}, "
+             f"{report['threads']} threads", row.format("", "original", "converted"),
+             row.format("accuracy", _num(acc["original"]), _num(acc["converted"])),
+             row.format("macro-F1", _num(m["original"]["macro_f1"]), _num(m["converted"]["macro_f1"]))]
+    for b in _batches(report):
+        lo, lc = _latency(report, "original", b), _latency(report, "converted", b)
+        lines.append(row.format(f"latency b{b} median", f"{lo['median_ms']:.2f} ms", f"{lc['median_ms']:.2f} ms"))
+        lines.append(row.format(f"throughput b{b}", f"{lo['throughput_per_s']:.0f}/s", f"{lc['throughput_per_s']:.0f}/s"))
+    so, sc = m["original"]["size"], m["converted"]["size"]
+    lines += [row.format("parameters", _millions(so["parameters"]), _millions(sc["parameters"])),
+              row.format("file size", _mb(so["file_bytes"]), _mb(sc["file_bytes"])),
+              row.format("peak forward memory", _mb(so["forward_peak_rss_bytes"]), _mb(sc["forward_peak_rss_bytes"]))]
+    top = ", ".join(f"{d['original']}→{d['converted']} ×{d['count']}" for d in report["disagreements"][:3])
+    lines.append(f"agreement {100 * report['agreement']:.1f}%" + (f"; most often: {top}" if top else ""))
+    sim = report["similarity"]
+    if sim["layer_cosine"]:
+        cos = sim["layer_cosine"]
+        lines.append(f"hidden-state cosine per layer: min {min(cos):.3f}, last {cos[-1]:.3f}")
+    if sim["attention_js"]:
+        lines.append(f"attention JS divergence per layer: max {max(sim['attention_js']):.4f}")
+    if sim.get("note"):
+        lines.append(sim["note"])
+    lines.append(verdict(report))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+def render_plots(report: dict) -> dict[str, bytes | None]:
+    """PNG bytes per plot name; None where there is nothing to draw (e.g. layers not comparable)."""
+    return {"overview.png": _png(_overview, report), "per_class_f1.png": _png(_per_class, report),
+            "similarity.png": _png(_similarity, report) if report["similarity"]["attention_js"]
+            or report["similarity"]["layer_cosine"] else None}
+
+
+def _png(draw, report: dict) -> bytes:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.4), dpi=90, layout="constrained")
+    draw(fig, report)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+COLORS = {"original": "#4c72b0", "converted": "#dd8452"}
+
+
+def _bars(ax, groups: list[str], values: dict[str, list[float]], title: str, ylabel: str) -> None:
+    width = 0.38
+    for k, side in enumerate(SIDES):
+        xs = [i + (k - 0.5) * width for i in range(len(groups))]
+        ax.bar(xs, values[side], width, label=side, color=COLORS[side])
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+
+
+def _overview(fig, report: dict) -> None:
+    m = report["models"]
+    ax_acc, ax_lat, ax_size = fig.subplots(1, 3)
+    _bars(ax_acc, ["accuracy", "macro-F1"], {s: [m[s]["accuracy"], m[s]["macro_f1"]] for s in SIDES},
+          "Accuracy", "")
+    ax_acc.set_ylim(0, 1)
+    fig.legend(*ax_acc.get_legend_handles_labels(), loc="outside lower center", ncols=2)
+    batches = _batches(report)
+    _bars(ax_lat, [f"batch {b}" for b in batches],
+          {s: [_latency(report, s, b)["median_ms"] for b in batches] for s in SIDES}, "Median latency", "ms")
+    _bars(ax_size, ["file MB", "params M"],
+          {s: [m[s]["size"]["file_bytes"] / 2 ** 20, m[s]["size"]["parameters"] / 1e6] for s in SIDES}, "Size", "")
+
+
+def _per_class(fig, report: dict) -> None:
+    m = report["models"]
+    ax = fig.subplots()
+    labels = [c["label"] for c in m["original"]["per_class"]]
+    _bars(ax, labels, {s: [c["f1"] for c in m[s]["per_class"]] for s in SIDES}, "Per-class F1", "F1")
+    ax.set_ylim(0, 1)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper")
+    if len(labels) > 12:
+        ax.tick_params(axis="x", labelrotation=90)
+
+
+def _similarity(fig, report: dict) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    sim = report["similarity"]
+    ax_hidden, ax_attn = fig.subplots(1, 2)
+    for ax in (ax_hidden, ax_attn):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if sim["layer_cosine"]:
+        ax_hidden.plot(range(len(sim["layer_cosine"])), sim["layer_cosine"], marker="o", label="cosine")
+        ax_hidden.plot(range(len(sim["layer_rel_mse"])), sim["layer_rel_mse"], marker="s", label="relative MSE")
+        ax_hidden.legend()
+    ax_hidden.set_title("Hidden states, per layer (0 = embeddings)")
+    ax_hidden.set_xlabel("layer")
+    if sim["attention_js"]:
+        layers = range(1, len(sim["attention_js"]) + 1)
+        ax_attn.plot(layers, sim["attention_js"], marker="o", label="Jensen–Shannon")
+        ax_attn.plot(layers, sim["attention_kl"], marker="s", label="KL(original ‖ converted)")
+        ax_attn.legend()
+    ax_attn.set_title("Head-averaged attention maps, per layer")
+    ax_attn.set_xlabel("layer")
