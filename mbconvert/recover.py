@@ -146,9 +146,6 @@ class LayerTap:
 
     def value(self):
         if "probs" in self.out:
-            if self.out["probs"] is None:
-                raise ConfigError("attention probabilities are not returned: load the models with "
-                                  "attn_implementation='eager', or use attention_loss='relation_kl'")
             return self.out["probs"]
         return tuple(self.out[n] for n in ("query", "key", "value"))
 
@@ -213,6 +210,9 @@ class Recovery:
         self.attention_inputs = losses.ATTENTION_INPUTS[cfg.attention_loss]
         if cfg.attention_loss == "attention_kl_mapped" and head_map is None:
             raise ConfigError("attention_loss='attention_kl_mapped' needs the head map from conversion.json")
+        if self.attention_inputs == "probs":  # only eager attention materialises the probabilities
+            for model in (self.student, self.teacher):
+                model.set_attn_implementation("eager")
         self.n_layers = len(_layers(student))
         self.stages = plan_stages(cfg, self.n_layers, len(train))
         torch.manual_seed(cfg.seed)
