@@ -523,7 +523,7 @@ def convert(source, out_dir=None, config: ConvertConfig | None = None, calib=Non
     src = load_student(source, heads=config.heads, tokenizer=tokenizer, labels=labels, seed=config.seed)
     if not (resume and (out / "conversion.json").is_file()):
         calib_enc = held_out = None
-        if calib:
+        if calib and config.calib_samples > 0:
             label2id, n = label_maps(src.config)
             examples = read_examples(calib, label2id=label2id, num_labels=n)
             shuffled = examples.subset(len(examples), seed=config.seed)

@@ -53,6 +53,10 @@ def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     p.add_argument("--temperature", type=float, default=3.0)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--eval-every", type=int, default=100, help="task-stage steps between dev evaluations")
+    p.add_argument("--attention-loss", choices=["relation_kl", "attention_kl_mapped"], default="relation_kl",
+                   help="MiniLMv2 relations (any head counts) or per-head KL on the heads the adapter kept")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted recovery in the output folder")
     if standalone:
         p.add_argument("--seed", type=int, default=0)
@@ -61,7 +65,8 @@ def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
 def _recovery_config(a) -> RecoveryConfig:
     return RecoveryConfig(budget_s=parse_duration(a.budget), steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
                           max_length=a.max_length, lr=a.lr, temperature=a.temperature, alpha=a.alpha,
-                          tolerance=a.tolerance, seed=a.seed)
+                          tolerance=a.tolerance, seed=a.seed, eval_every=a.eval_every,
+                          attention_loss=a.attention_loss, threads=a.threads)
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -163,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the one-line messages
+    hf_logging.set_verbosity_error()
     try:
         return run(command, args)
     except MbconvertError as e:

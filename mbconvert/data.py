@@ -82,8 +82,9 @@ def _rows(path: Path) -> list[dict]:
 
 
 def read_examples(path: str | os.PathLike, label2id: dict[str, int] | None = None, num_labels: int | None = None,
-                  require_labels: bool = False, limit: int | None = None) -> Examples:
-    """Read a data file. Label names are mapped with `label2id`; ids are checked against `num_labels`."""
+                  require_labels: bool = False, limit: int | None = None, texts_only: bool = False) -> Examples:
+    """Read a data file. Label names are mapped with `label2id`; ids are checked against `num_labels`.
+    `texts_only` ignores any label column (e.g. to build a vocabulary)."""
     path = Path(path)
     rows = _rows(path)
     if limit:
@@ -95,7 +96,7 @@ def read_examples(path: str | os.PathLike, label2id: dict[str, int] | None = Non
     if text_key is None:
         raise DataError(f"{path}: missing text column (expected one of {', '.join(TEXT_KEYS)}; found {', '.join(first)})")
     pair_key = next((k for k in PAIR_KEYS if k in first), None)
-    has_labels = "label" in first
+    has_labels = "label" in first and not texts_only
     if require_labels and not has_labels:
         raise DataError(f"{path}: missing 'label' column (labels are needed here)")
     texts, pairs, labels = [], [] if pair_key else None, [] if has_labels else None

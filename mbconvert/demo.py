@@ -79,7 +79,7 @@ def build_tokenizer(train_file: Path, folder: Path, size: int = 8000):
         return BertTokenizerFast.from_pretrained(str(folder))
     backend = BertTokenizerFast(vocab={t: i for i, t in enumerate(SPECIAL)}).backend_tokenizer
     counts = Counter()
-    for text in read_examples(train_file).texts:
+    for text in read_examples(train_file, texts_only=True).texts:
         counts.update(t for t, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text)))
     vocab = SPECIAL + [t for t, c in counts.most_common(size) if c >= 2]
     tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)})

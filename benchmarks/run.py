@@ -1,0 +1,270 @@
+"""End-to-end benchmark on real data: student vs MobileBERT (mapped, recovered, random-init, INT8).
+
+    python benchmarks/run.py --suite toutiao --quick     # < 10 min on 2 cores (short recovery budgets)
+    python benchmarks/run.py --suite toutiao             # full: 12-min recoveries, --ffn 2 and layer_norm rows
+    python benchmarks/run.py --suite agnews              # the fine-tuned all-MiniLM-L6-v2 student (issue 7)
+
+Every row of a table is measured in the same run, on the suite's test split. Latency is onnxruntime on
+2 threads (median of 20 runs after warm-up) at the test data's longest row, batch 1 and batch 32. Results:
+benchmarks/results/<suite>-<mode>.{md,json,png}; benchmarks/RESULTS.md is rebuilt from all of them.
+The students are built by examples/train_student.py (cached in checkpoints/); a missing one is trained
+first with the command printed in the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+SUITES = {
+    "toutiao": {"data": SHARED / "toutiao", "student": ROOT / "checkpoints" / "toutiao-student",
+                "train": [sys.executable, "examples/train_student.py", "--data", "../shared/data/toutiao",
+                          "--out", "checkpoints/toutiao-student", "--epochs", "1"],
+                "title": "Chinese news headlines (Toutiao, 15 classes): 4-layer hidden-512 8-head BERT student"},
+    "agnews": {"data": SHARED / "agnews", "student": ROOT / "checkpoints" / "agnews-minilm",
+               "train": None,  # needs the MiniLM folder: see checkpoints/README.md
+               "title": "AG News (English, 4 classes): fine-tuned all-MiniLM-L6-v2 student (6 layers, hidden 384)"},
+}
+MODES = {"quick": {"budget_s": 150, "variant_budget_s": None},
+         "full": {"budget_s": 720, "variant_budget_s": 360}}
+
+
+def measure_torch(model, test, reference_logits=None) -> dict:
+    """Accuracy, macro-F1, agreement with the student (PyTorch), parameters and safetensors size."""
+    from safetensors.torch import save_file
+
+    from mbconvert.check import classification_metrics
+    from mbconvert.similarity import predict_logits
+
+    logits = predict_logits(model, test)
+    pred = logits.argmax(-1)
+    m = classification_metrics(pred.tolist(), test.labels.tolist(), [str(i) for i in range(logits.shape[1])])
+    with tempfile.TemporaryDirectory() as d:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{d}/m.safetensors")
+        size = Path(f"{d}/m.safetensors").stat().st_size / 2**20
+    row = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "logits": logits,
+           "parameters": sum(p.numel() for p in model.parameters()), "size_mb": round(size, 2)}
+    if reference_logits is not None:
+        row["agreement"] = float((pred == reference_logits.argmax(-1)).float().mean())
+    return row
+
+
+def measure_onnx(model, test_file: Path, tokenizer, work: Path, rows: int) -> dict:
+    """Export FP32 + INT8 and read accuracy/size/latency from export.json (measured by mbconvert.export)."""
+    from mbconvert.config import ExportConfig
+    from mbconvert.export import export_model
+
+    report = export_model(model, ExportConfig(formats=("onnx", "onnx-int8"), max_samples=rows), data=test_file,
+                          out_dir=work, tokenizer=tokenizer)
+    return report["artifacts"]
+
+
+def recover_model(mobile, teacher, train, dev, budget_s, seed) -> dict:
+    from mbconvert.config import RecoveryConfig
+    from mbconvert.recover import recover
+
+    cfg = RecoveryConfig(budget_s=budget_s, seed=seed, tolerance=0.005, eval_every=100)
+    return recover(mobile, teacher, train, config=cfg, eval_data=dev)
+
+
+def time_to_band(summary: dict, band: float) -> float | None:
+    for _, seconds, acc in summary["accuracy_curve"]:
+        if acc is not None and acc >= summary["teacher_accuracy"] - band:
+            return seconds
+    return None
+
+
+def run(suite: str, mode: str, seed: int) -> dict:
+    from transformers import MobileBertForSequenceClassification
+
+    from mbconvert.adapter import MobileBERTAdapter, evaluate_mapping
+    from mbconvert.config import ConvertConfig
+    from mbconvert.data import load_encoded
+    from mbconvert.load import load_student
+
+    spec, budgets = SUITES[suite], MODES[mode]
+    if not spec["data"].is_dir():
+        sys.exit(f"{spec['data']} not found: the benchmark needs ../shared/data (see its README)")
+    if not (spec["student"] / "config.json").is_file():
+        if spec["train"] is None:
+            sys.exit(f"{spec['student']} missing: build it as checkpoints/README.md says")
+        print("training the student first:", " ".join(spec["train"]), flush=True)
+        subprocess.run(spec["train"], cwd=ROOT, check=True)
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    student = load_student(spec["student"])
+    tok, cfg = student.tokenizer, student.config
+    data = spec["data"]
+    train = load_encoded(data / "train.jsonl", tok, cfg, require_labels=True)
+    # early stopping evaluates on the first 1,000 dev rows (the splits are shuffled): cheap enough to run often
+    dev_small = load_encoded(data / "dev.jsonl", tok, cfg, require_labels=True, max_length=train.max_length,
+                             limit=1000)
+    test = load_encoded(data / "test.jsonl", tok, cfg, require_labels=True, max_length=train.max_length)
+    calib = load_encoded(data / "train.jsonl", tok, cfg, limit=256, max_length=train.max_length)
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{suite}-"))
+    results = {"suite": suite, "mode": mode, "seed": seed, "rows": {}, "curves": {}}
+
+    ref = measure_torch(student.model, test)
+    results["rows"]["student FP32 (PyTorch)"] = ref
+    onnx = measure_onnx(student.model, data / "test.jsonl", tok, work / "student", len(test))
+    results["rows"]["student FP32 (onnxruntime)"] = {**ref, **_onnx_row(onnx["onnx"])}
+    results["rows"]["student INT8 (onnxruntime dynamic)"] = _onnx_row(onnx["onnx-int8"], ref["accuracy"])
+
+    variants = [("", ConvertConfig(seed=seed), budgets["budget_s"])]
+    if budgets["variant_budget_s"]:
+        variants += [(" --ffn 2", ConvertConfig(ffn=2, seed=seed), budgets["variant_budget_s"]),
+                     (" --norm layer_norm", ConvertConfig(norm="layer_norm", seed=seed), budgets["variant_budget_s"])]
+    for suffix, ccfg, budget in variants:
+        t0 = time.time()
+        mobile, report = MobileBERTAdapter(ccfg).convert(student, calib)
+        convert_s = time.time() - t0
+        before = measure_torch(mobile, test, ref["logits"])
+        results["rows"][f"MobileBERT{suffix} from the adapter, before recovery"] = {**before, "convert_s": convert_s}
+        summary = recover_model(mobile, student.model, train, dev_small, budget, seed)
+        after = measure_torch(mobile, test, ref["logits"])
+        after["recovery_s"] = summary["wall_s"]
+        results["curves"][f"adapter{suffix}"] = summary
+        if suffix == "":
+            results["mapping"] = evaluate_mapping(student.model, mobile, dev_small)
+            onnx = measure_onnx(mobile, data / "test.jsonl", tok, work / "mobile", len(test))
+            after.update(_onnx_row(onnx["onnx"]))
+            results["rows"]["MobileBERT from the adapter, after recovery"] = after
+            torch.manual_seed(seed)
+            fresh = MobileBertForSequenceClassification(mobile.config)
+            fresh.config._attn_implementation = "eager"
+            rand_summary = recover_model(fresh, student.model, train, dev_small, budget, seed)
+            rand = measure_torch(fresh, test, ref["logits"])
+            rand["recovery_s"] = rand_summary["wall_s"]
+            results["curves"]["random init"] = rand_summary
+            results["rows"]["same MobileBERT config, random init, same recovery budget"] = rand
+            results["rows"]["MobileBERT after recovery, INT8 (onnxruntime dynamic)"] = _onnx_row(
+                onnx["onnx-int8"], ref["accuracy"], agreement_with=None)
+        else:
+            results["rows"][f"MobileBERT{suffix} from the adapter, after recovery"] = after
+    for row in results["rows"].values():
+        row.pop("logits", None)
+    results["time_to_band_s"] = {name: time_to_band(s, 0.01) for name, s in results["curves"].items()}
+    results["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                           "onnxruntime": __import__("onnxruntime").__version__, "python": platform.python_version()}
+    return results
+
+
+def _onnx_row(artifact: dict, reference_accuracy: float | None = None, agreement_with=None) -> dict:
+    lat = artifact.get("latency", {})
+    row = {"size_mb": artifact["size_mb"], "latency_b1_ms": lat.get("batch1_ms"), "latency_b32_ms": lat.get("batch32_ms"),
+           "ort_accuracy": artifact.get("accuracy")}
+    if reference_accuracy is not None:
+        row["accuracy"] = artifact.get("accuracy")
+        row["agreement_fp32"] = artifact.get("vs_fp32", {}).get("argmax_agreement")
+    return row
+
+
+def render(results: dict, command: str, wall_s: float) -> str:
+    spec = SUITES[results["suite"]]
+    ref = results["rows"]["student FP32 (PyTorch)"]
+    lines = [f"## {spec['title']} — {results['mode']} mode", "",
+             f"Command: `{command}` · date {date.today()} · {platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads · wall time {wall_s / 60:.1f} min · "
+             + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), "",
+             "| row | test acc | macro-F1 | Δ acc vs student | agreement | params | file MB | latency b1 ms | "
+             "latency b32 ms | recovery |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["rows"].items():
+        acc = r.get("accuracy")
+        delta = f"{(acc - ref['accuracy']) * 100:+.2f} pt" if acc is not None else ""
+        agreement = r.get("agreement", r.get("agreement_fp32"))
+        lines.append("| " + " | ".join([
+            name, _f(acc), _f(r.get("macro_f1")), delta, _f(agreement),
+            f"{r['parameters'] / 1e6:.1f}M" if r.get("parameters") else "", _f(r.get("size_mb"), 1),
+            _f(r.get("latency_b1_ms"), 1), _f(r.get("latency_b32_ms"), 1),
+            f"{r['recovery_s'] / 60:.1f} min" if r.get("recovery_s") else ""]) + " |")
+    band = results["time_to_band_s"]
+    lines += ["", "Time to reach the student's −1 point band on the 1,000 early-stopping dev rows: "
+              + ", ".join(f"{k}: {'%.0f s' % v if v is not None else 'not within the budget'}" for k, v in band.items())]
+    m = results.get("mapping")
+    if m:
+        lines += [f"Mapping alone (before training, 1,000 dev rows): agreement with the student "
+                  f"{m['converted']['agreement']:.3f} vs random init {m['random_init']['agreement']:.3f}; "
+                  f"last-layer cosine {m['converted']['layer_cosine'][-1]:.3f} vs {m['random_init']['layer_cosine'][-1]:.3f}."]
+    lines += ["", f"![dev accuracy during recovery]({results['suite']}-{results['mode']}.png)", ""]
+    return "\n".join(lines)
+
+
+def _f(x, digits=4) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, s in results["curves"].items():
+        pts = [(sec / 60, acc) for _, sec, acc in s["accuracy_curve"] if acc is not None]
+        ax.plot(*zip(*pts), marker=".", label=name)
+    teacher = next(iter(results["curves"].values()))["teacher_accuracy"]
+    ax.axhline(teacher, color="k", lw=0.8, label="student")
+    ax.axhline(teacher - 0.01, color="k", lw=0.8, ls="--", label="student − 1 pt")
+    ax.set_xlabel("recovery wall time (min)")
+    ax.set_ylabel("dev accuracy")
+    ax.set_title(f"{results['suite']}: adapter init vs random init")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rebuild_index() -> None:
+    parts = ["# Benchmark results", "",
+             "Written by `python benchmarks/run.py` (see its docstring); every table's rows come from one run. "
+             "Machine: the project's 2-core CPU box (no GPU). Targets and whether they are met: see the "
+             "notes under each table.", ""]
+    for suite in SUITES:
+        for mode in ("full", "quick"):
+            f = RESULTS / f"{suite}-{mode}.md"
+            if f.is_file():
+                parts.append(f.read_text(encoding="utf-8").replace("](", "](results/"))
+    notes = ROOT / "benchmarks" / "NOTES.md"
+    if notes.is_file():
+        parts.append(notes.read_text(encoding="utf-8"))
+    (ROOT / "benchmarks" / "RESULTS.md").write_text("\n".join(parts), encoding="utf-8")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=list(SUITES), default="toutiao")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    mode = "quick" if a.quick else "full"
+    start = time.time()
+    results = run(a.suite, mode, a.seed)
+    wall = time.time() - start
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"{a.suite}-{mode}"
+    curves = {k: {kk: v[kk] for kk in ("accuracy_curve", "teacher_accuracy", "wall_s", "steps")}
+              for k, v in results["curves"].items()}
+    (stem.with_suffix(".json")).write_text(json.dumps({**results, "curves": curves, "wall_s": wall}, indent=1,
+                                                      default=float), encoding="utf-8")
+    plot(results, stem.with_suffix(".png"))
+    command = "python benchmarks/run.py --suite " + a.suite + (" --quick" if a.quick else "")
+    stem.with_suffix(".md").write_text(render(results, command, wall), encoding="utf-8")
+    rebuild_index()
+    print((stem.with_suffix(".md")).read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
