@@ -1,0 +1,142 @@
+"""`mbconvert gate` and the pytest plugin: a damaged model fails CI, bad reports are bad input (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from mbconvert.cli import main
+from mbconvert.config import GateConfig
+from mbconvert.errors import DataError
+from mbconvert.gate import gate
+
+CHECK_FAST = ["--repeats", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def reports(trained_student, task_data, tmp_path_factory):
+    """A baseline (the student checked against itself) and a damaged copy's report (classifier bias shifted)."""
+    d = tmp_path_factory.mktemp("gate")
+    damaged = d / "damaged"
+    model = BertForSequenceClassification.from_pretrained(str(trained_student), attn_implementation="eager")
+    with torch.no_grad():
+        model.classifier.bias[0] += 8.0  # most texts now read as news_a
+    model.save_pretrained(str(damaged))
+    for f in trained_student.glob("*"):
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            (damaged / f.name).write_bytes(f.read_bytes())
+    data = str(task_data["test"])
+    assert main(["check", str(trained_student), "--against", str(trained_student), "--data", data,
+                 "--report", str(d / "baseline"), *CHECK_FAST]) == 0
+    assert main(["check", str(damaged), "--against", str(trained_student), "--data", data,
+                 "--report", str(d / "damaged_report"), *CHECK_FAST]) == 1
+    return {"baseline": d / "baseline" / "report.json", "damaged": d / "damaged_report" / "report.json",
+            "damaged_model": damaged}
+
+
+def test_unchanged_model_passes(reports, capsys):
+    assert main(["gate", str(reports["baseline"]), "--baseline", str(reports["baseline"])]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("PASS")
+
+
+def test_damaged_copy_fails_with_exit_1_and_names_accuracy(reports, capsys):
+    rc = main(["gate", str(reports["damaged"]), "--baseline", str(reports["baseline"]), "--tolerance", "0.005"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith("FAIL: accuracy") and "points" in last and "latency" not in last
+
+
+def _edited(src, tmp_path, name, edit):
+    report = json.loads(src.read_text(encoding="utf-8"))
+    edit(report)
+    path = tmp_path / name
+    path.write_text(json.dumps(report), encoding="utf-8")
+    return path
+
+
+def test_latency_and_size_bounds(reports, tmp_path):
+    def slower_and_bigger(r):
+        for x in r["models"]["converted"]["latency"]:
+            x["median_ms"] *= 3
+        r["models"]["converted"]["size"]["file_bytes"] *= 2
+
+    worse = _edited(reports["baseline"], tmp_path, "worse.json", slower_and_bigger)
+    assert gate(worse, reports["baseline"]).passed  # no bounds given: only accuracy is gated
+    lat = gate(worse, reports["baseline"], GateConfig(max_latency_ratio=1.5))
+    assert not lat.passed and lat.summary().splitlines()[-1].startswith("FAIL: latency (batch 1) ×3.00")
+    size = gate(worse, reports["baseline"], GateConfig(max_size_ratio=1.5, max_latency_ratio=4))
+    assert not size.passed and size.summary().splitlines()[-1].startswith("FAIL: size ×2.00")
+
+
+def test_accuracy_drop_within_tolerance_passes(reports, tmp_path):
+    def slightly_worse(r):
+        r["models"]["converted"]["accuracy"] -= 0.004
+
+    assert gate(_edited(reports["baseline"], tmp_path, "r.json", slightly_worse), reports["baseline"]).passed
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such report"),
+    ("not_json", "not a readable report.json"),
+    ("no_schema", "no schema_version"),
+    ("future_schema", "report schema 99"),
+    ("incomplete", "incomplete report"),
+    ("other_data", "different test data"),
+])
+def test_bad_reports_are_bad_input(reports, tmp_path, capsys, case, message):
+    base = reports["baseline"]
+    edits = {
+        "no_schema": lambda r: r.pop("schema_version"),
+        "future_schema": lambda r: r.update(schema_version=99),
+        "incomplete": lambda r: r["models"]["converted"].pop("accuracy"),
+        "other_data": lambda r: r["inputs"].update(data_sha256="0" * 64),
+    }
+    if case == "missing":
+        path = tmp_path / "nope.json"
+    elif case == "not_json":
+        path = tmp_path / "bad.json"
+        path.write_text("{ truncated", encoding="utf-8")
+    else:
+        path = _edited(base, tmp_path, "r.json", edits[case])
+    with pytest.raises(DataError, match=message):
+        gate(path, base)
+    assert main(["gate", str(path), "--baseline", str(base)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pytest_plugin_fails_the_run_on_a_drifted_model(reports, trained_student, task_data, tmp_path):
+    """A tiny training repo: the marker runs check + gate on the drifted model; the fixture reads a report."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    (tmp_path / "baseline.json").write_bytes(reports["baseline"].read_bytes())
+    (tmp_path / "good_report.json").write_bytes(reports["baseline"].read_bytes())
+    (tmp_path / "test_model.py").write_text(textwrap.dedent(f"""
+        import pytest
+
+        @pytest.mark.mbconvert_gate(model={str(reports["damaged_model"])!r}, against={str(trained_student)!r},
+                                    data={str(task_data["test"])!r}, baseline="baseline.json", tolerance=0.005,
+                                    repeats=1, threads=1)
+        def test_drifted_model():
+            pass
+
+        @pytest.mark.mbconvert_gate(report="good_report.json", baseline="baseline.json")
+        def test_unchanged_model():
+            pass
+
+        def test_explicit_fixture(mbconvert_gate):
+            assert mbconvert_gate(report="good_report.json", baseline="baseline.json").passed
+        """), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--strict-markers", "-p", "no:cacheprovider"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "1 failed, 2 passed" in out
+    assert "FAILED test_model.py::test_drifted_model" in out
+    assert "FAIL: accuracy" in out
+    assert (reports["damaged_model"] / "report" / "report.json").is_file()  # the check's report, for CI artefacts
