@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -173,6 +174,25 @@ def _logits(model, data: Encoded, device, batch_size: int) -> torch.Tensor:
     return out
 
 
+def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=None) -> torch.Tensor:
+    """The teacher's logits on every training row, computed once per (teacher, dataset) and kept in
+    cache_dir: a second recovery on the same data (a resume, a benchmark's random-init run) reuses them."""
+    if cache_dir is None:
+        return _logits(teacher, data, device, batch_size)
+    key = hashlib.sha256()
+    for tensor in (*teacher.state_dict().values(), data.input_ids, data.attention_mask, data.token_type_ids):
+        key.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    path = Path(cache_dir) / f"teacher-logits-{key.hexdigest()[:16]}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True).to(device)
+    out = _logits(teacher, data, device, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(out.cpu(), tmp)
+    os.replace(tmp, path)
+    return out
+
+
 @contextlib.contextmanager
 def _deferred_interrupt():
     """Ctrl-C sets a flag instead of raising mid-step, so the loop can checkpoint a consistent state."""
@@ -199,8 +219,9 @@ class Recovery:
     """One recovery run: plan, training loop, evaluation, checkpoints and the summary."""
 
     def __init__(self, student, teacher, train: Encoded, cfg: RecoveryConfig, eval_data: Encoded | None,
-                 out_dir: Path | None, head_map: list[list[int]] | None):
+                 out_dir: Path | None, head_map: list[list[int]] | None, cache_dir=None):
         self.cfg = cfg
+        self.cache_dir = cache_dir
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.student = student.to(self.device)
         self.teacher = teacher.to(self.device).eval()
@@ -446,7 +467,8 @@ class Recovery:
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         if stage.layer is None and self.teacher_logits is None:
-            self.teacher_logits = _logits(self.teacher, self.train, self.device, 2 * self.cfg.batch_size)
+            self.teacher_logits = teacher_logits(self.teacher, self.train, self.device, 2 * self.cfg.batch_size,
+                                                 self.cache_dir)
         taps = self._taps(stage)
         for p in frozen:
             p.requires_grad_(False)
@@ -556,12 +578,13 @@ def _check_data(data: Encoded, what: str, num_labels: int) -> None:
 
 def recover(mobilebert, teacher, train_data: Encoded, config: RecoveryConfig | None = None,
             eval_data: Encoded | None = None, out_dir=None, resume: bool = False,
-            head_map: list[list[int]] | None = None) -> dict:
+            head_map: list[list[int]] | None = None, cache_dir=None) -> dict:
     """Train `mobilebert` (in place) against `teacher`; returns the summary (also out_dir/recovery.json).
 
     `train_data`/`eval_data` are tokenised with the teacher's tokenizer (labels optional). `out_dir` holds
     the checkpoint that `resume=True` continues from. `head_map[l]` lists, for each MobileBERT head of layer
-    l, the teacher head it came from (only `attention_loss='attention_kl_mapped'` uses it). On return the
+    l, the teacher head it came from (only `attention_loss='attention_kl_mapped'` uses it). `cache_dir` keeps
+    the teacher's logits on the training data for the next recovery on the same data. On return the
     model holds the best weights seen on the dev data (the last ones without dev data).
     """
     cfg = config or RecoveryConfig()
@@ -575,7 +598,8 @@ def recover(mobilebert, teacher, train_data: Encoded, config: RecoveryConfig | N
         raise ConfigError("stop_after_steps needs an out_dir to checkpoint into")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run = Recovery(mobilebert, teacher, train_data, cfg, eval_data, Path(out_dir) if out_dir else None, head_map)
+    run = Recovery(mobilebert, teacher, train_data, cfg, eval_data, Path(out_dir) if out_dir else None, head_map,
+                   cache_dir)
     return run.run(resume)
 
 
@@ -606,7 +630,8 @@ def recover_checkpoint(model_dir, teacher_path, train_path, eval_path=None, conf
     eval_data = (load_encoded(eval_path, tok, model.config, max_length=cfg.max_length, cache_dir=cache)
                  if eval_path else None)
     head_map = head_map_from(model_dir) if cfg.attention_loss == "attention_kl_mapped" else None
-    summary = recover(model, source.model, train, cfg, eval_data, out_dir=out, resume=resume, head_map=head_map)
+    summary = recover(model, source.model, train, cfg, eval_data, out_dir=out, resume=resume, head_map=head_map,
+                      cache_dir=cache)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
