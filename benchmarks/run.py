@@ -86,7 +86,7 @@ def time_to_band(summary: dict, band: float) -> float | None:
     return None
 
 
-def run(suite: str, mode: str, seed: int) -> dict:
+def run(suite: str, mode: str, seed: int, budget_s: float | None = None) -> dict:
     from transformers import MobileBertForSequenceClassification
 
     from mbconvert.adapter import MobileBERTAdapter, evaluate_mapping
@@ -95,7 +95,9 @@ def run(suite: str, mode: str, seed: int) -> dict:
     from mbconvert.load import load_student
     from mbconvert.recover import teacher_logits
 
-    spec, budgets = SUITES[suite], MODES[mode]
+    spec, budgets = SUITES[suite], dict(MODES[mode])
+    if budget_s:
+        budgets["budget_s"] = budget_s
     if not spec["data"].is_dir():
         sys.exit(f"{spec['data']} not found: the benchmark needs ../shared/data (see its README)")
     if not (spec["student"] / "config.json").is_file():
@@ -255,10 +257,16 @@ def main() -> None:
     p.add_argument("--suite", choices=list(SUITES), default="toutiao")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, help="override the suite's data folder (train/dev/test.jsonl)")
+    p.add_argument("--student", type=Path, help="override the suite's student (an HF folder)")
+    p.add_argument("--budget", type=float, help="override the main recovery budget (seconds)")
     a = p.parse_args()
     mode = "quick" if a.quick else "full"
+    if a.data or a.student:
+        SUITES[a.suite] = {**SUITES[a.suite], "data": a.data or SUITES[a.suite]["data"],
+                           "student": a.student or SUITES[a.suite]["student"], "train": None}
     start = time.time()
-    results = run(a.suite, mode, a.seed)
+    results = run(a.suite, mode, a.seed, a.budget)
     wall = time.time() - start
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{a.suite}-{mode}"
