@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher", help="checkpoint to distil from (any format mbconvert loads)")
     p.add_argument("--alpha", type=float, default=0.5), p.add_argument("--temperature", type=float, default=3.0)
     p.add_argument("--epochs", type=float, default=3)
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3 from scratch, 5e-5 with --init")
+    p.add_argument("--lr", type=float, default=None, help="default 5e-4 from scratch (1e-3 diverged here), 5e-5 with --init")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=None, help="default: the data's 99th percentile")
     p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps")
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     if not a.train:
         p.error("give --data DIR or --train FILE")
     a.dev, a.test = [x if x and Path(x).is_file() else None for x in (a.dev, a.test)]
-    a.lr = a.lr if a.lr is not None else (5e-5 if a.init else 1e-3)
+    a.lr = a.lr if a.lr is not None else (5e-5 if a.init else 5e-4)
     return a
 
 
