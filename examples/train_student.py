@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
-from mbconvert.data import _rows, choose_max_length, encode, label_names_for, read_examples
+from mbconvert.data import read_rows, choose_max_length, encode, label_names_for, read_examples
 from mbconvert.errors import MbconvertError
 from mbconvert.fileio import atomic_dir, write_json
 from mbconvert.load import load_classifier, load_tokenizer
@@ -96,8 +96,8 @@ def label_names(a) -> list[str]:
     if a.labels:
         return json.loads(Path(a.labels).read_text(encoding="utf-8"))
     names = label_names_for(a.train)  # labels.json beside the data
-    if names is None:  # no public helper lists a file's label values; read the rows ourselves
-        values = {str(r["label"]) for r in _rows(Path(a.train)) if r.get("label") not in (None, "")}
+    if names is None:  # no labels.json: the label values found in the rows
+        values = {str(r["label"]) for r in read_rows(Path(a.train)) if r.get("label") not in (None, "")}
         names = sorted(values, key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v))
     return names
 
@@ -231,7 +231,6 @@ def main(argv=None) -> int:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_json(tmp / "train_summary.json", summary)
-    out.chmod(0o755)  # atomic_dir's mkdtemp leaves 0700
     tmp_pt = pt.with_name(f".{pt.name}.tmp")
     torch.save(model.state_dict(), tmp_pt)
     os.replace(tmp_pt, pt)

@@ -49,7 +49,8 @@ class Examples:
         )
 
 
-def _rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """The raw rows (dicts) of a JSONL/CSV/TSV file; DataError for missing, empty or malformed files."""
     suffix = path.suffix.lower()
     try:
         raw = path.read_text(encoding="utf-8")
@@ -86,7 +87,7 @@ def read_examples(path: str | os.PathLike, label2id: dict[str, int] | None = Non
     """Read a data file. Label names are mapped with `label2id`; ids are checked against `num_labels`.
     `texts_only` ignores any label column (e.g. to build a vocabulary)."""
     path = Path(path)
-    rows = _rows(path)
+    rows = read_rows(path)
     if limit:
         rows = rows[:limit]
     if not rows:
