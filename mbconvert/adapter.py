@@ -127,10 +127,10 @@ class MobileBERTAdapter:
         e = self.config.embedding_size
         word = te.word_embeddings.weight.to(F64)
         u, s, vt = torch.linalg.svd(word, full_matrices=False)
-        me.word_embeddings.weight.copy_((u[:, :e] * s[:e]).float())
+        me.word_embeddings.weight.copy_((u[:, :e] * s[:e]).float() + 0.0)
         w = torch.zeros_like(me.embedding_transformation.weight, dtype=F64)
         w[:, e:2 * e] = vt[:e].T  # trigram input = [next token, this token, previous token]
-        me.embedding_transformation.weight.copy_(w.float())
+        me.embedding_transformation.weight.copy_(w.float() + 0.0)
         me.embedding_transformation.bias.zero_()
         me.position_embeddings.weight.copy_(te.position_embeddings.weight)
         me.token_type_embeddings.weight.copy_(te.token_type_embeddings.weight)
@@ -161,9 +161,11 @@ def copy_(dst: nn.Linear, src: nn.Linear) -> None:
 
 
 def set_linear(layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Copy in float32; `+ 0.0` turns −0.0 into +0.0 (LAPACK's sign of an exact zero is not stable, and
+    the output bytes must be)."""
     assert layer.weight.shape == weight.shape, (layer.weight.shape, weight.shape)
-    layer.weight.copy_(weight.float())
-    layer.bias.copy_(torch.zeros(weight.shape[0]) if bias is None else bias.float())
+    layer.weight.copy_(weight.float() + 0.0)
+    layer.bias.copy_(torch.zeros(weight.shape[0]) if bias is None else bias.float() + 0.0)
 
 
 def set_identity_norm(norm: nn.Module) -> None:

@@ -48,8 +48,8 @@ def fit_norm(norm: nn.Module, pre: torch.Tensor, target: torch.Tensor) -> float:
     cov = ((x - mx) * (y - my)).mean(0)
     scale = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.ones_like(var))
     shift = my - scale * mx
-    norm.weight.copy_(scale.float())
-    norm.bias.copy_(shift.float())
+    norm.weight.copy_(scale.float() + 0.0)  # + 0.0: no −0.0, so output bytes are reproducible
+    norm.bias.copy_(shift.float() + 0.0)
     return r2(x * scale + shift, y)
 
 
