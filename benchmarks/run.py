@@ -242,10 +242,8 @@ def rebuild_index() -> None:
              "Machine: the project's 2-core CPU box (no GPU). Targets and whether they are met: see the "
              "notes under each table.", ""]
     for suite in SUITES:
-        for mode in ("full", "quick"):
-            f = RESULTS / f"{suite}-{mode}.md"
-            if f.is_file():
-                parts.append(f.read_text(encoding="utf-8").replace("](", "](results/"))
+        for f in sorted(RESULTS.glob(f"{suite}-*.md")):
+            parts.append(f.read_text(encoding="utf-8").replace("](", "](results/"))
     notes = ROOT / "benchmarks" / "NOTES.md"
     if notes.is_file():
         parts.append(notes.read_text(encoding="utf-8"))
@@ -261,12 +259,13 @@ def main() -> None:
     p.add_argument("--student", type=Path, help="override the suite's student (an HF folder)")
     p.add_argument("--budget", type=float, help="override the main recovery budget (seconds)")
     a = p.parse_args()
-    mode = "quick" if a.quick else "full"
+    mode = ("quick" if a.quick else "full") + (f"-budget{a.budget:g}s" if a.budget else "")
     if a.data or a.student:
         SUITES[a.suite] = {**SUITES[a.suite], "data": a.data or SUITES[a.suite]["data"],
                            "student": a.student or SUITES[a.suite]["student"], "train": None}
     start = time.time()
-    results = run(a.suite, mode, a.seed, a.budget)
+    results = run(a.suite, mode.split("-")[0], a.seed, a.budget)
+    results["mode"] = mode
     wall = time.time() - start
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{a.suite}-{mode}"
@@ -275,7 +274,8 @@ def main() -> None:
     (stem.with_suffix(".json")).write_text(json.dumps({**results, "curves": curves, "wall_s": wall}, indent=1,
                                                       default=float), encoding="utf-8")
     plot(results, stem.with_suffix(".png"))
-    command = "python benchmarks/run.py --suite " + a.suite + (" --quick" if a.quick else "")
+    command = ("python benchmarks/run.py --suite " + a.suite + (" --quick" if a.quick else "")
+               + (f" --budget {a.budget:g}" if a.budget else ""))
     stem.with_suffix(".md").write_text(render(results, command, wall), encoding="utf-8")
     rebuild_index()
     print((stem.with_suffix(".md")).read_text(encoding="utf-8"))

@@ -530,7 +530,7 @@ def convert(source, out_dir=None, config: ConvertConfig | None = None, calib=Non
             examples = read_examples(calib, label2id=label2id, num_labels=n)
             shuffled = examples.subset(len(examples), seed=config.seed)
             calib_enc = encode(_take(shuffled, 0, config.calib_samples), src.tokenizer,
-                               max_length=config.calib_max_length)
+                               max_length=config.calib_max_length, cap=min(128, src.config.max_position_embeddings))
             if len(shuffled) > config.calib_samples:
                 held_out = encode(_take(shuffled, config.calib_samples, config.calib_samples + 256), src.tokenizer,
                                   max_length=calib_enc.max_length)

@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\nsubcommands: " + ", ".join(COMMANDS[1:]))
             return 2
     args = build_parser(command).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("mbconvert").setLevel(logging.INFO)  # our progress; other libraries' INFO stays quiet
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the one-line messages

@@ -197,14 +197,19 @@ def choose_max_length(examples: Examples, tokenizer, quantile: float = 0.99, cap
 
 
 def encode(examples: Examples, tokenizer, max_length: int | None = None,
-           cache_dir: str | os.PathLike | None = None) -> Encoded:
-    """Tokenise once (cached on disk under cache_dir when given, keyed by content and tokenizer)."""
+           cache_dir: str | os.PathLike | None = None, cap: int = 512) -> Encoded:
+    """Tokenise once (cached on disk under cache_dir when given, keyed by content and tokenizer).
+    Without max_length, the data's 99th-percentile length is used, at most `cap` (the model's positions)."""
     if tokenizer is None:
         from .errors import TokenizerError
 
         raise TokenizerError("a tokenizer is needed to read text data; pass --tokenizer DIR")
     if max_length is None:
-        max_length = choose_max_length(examples, tokenizer)
+        max_length = choose_max_length(examples, tokenizer, cap=cap)
+    elif max_length > cap:
+        from .errors import ConfigError
+
+        raise ConfigError(f"max length {max_length} exceeds the model's {cap} position embeddings")
     cache_file = None
     if cache_dir is not None:
         key = hashlib.sha256()
@@ -233,4 +238,5 @@ def load_encoded(path: str | os.PathLike, tokenizer, model_config, max_length: i
     """read_examples + encode with the model's own label names: the one call most stages need."""
     label2id, n = label_maps(model_config)
     ex = read_examples(path, label2id=label2id, num_labels=n, require_labels=require_labels, limit=limit)
-    return encode(ex, tokenizer, max_length=max_length, cache_dir=cache_dir)
+    return encode(ex, tokenizer, max_length=max_length, cache_dir=cache_dir,
+                  cap=getattr(model_config, "max_position_embeddings", 512))
