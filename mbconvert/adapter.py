@@ -528,11 +528,11 @@ def convert(source, out_dir=None, config: ConvertConfig | None = None, calib=Non
         if calib and config.calib_samples > 0:
             label2id, n = label_maps(src.config)
             examples = read_examples(calib, label2id=label2id, num_labels=n)
-            shuffled = examples.subset(len(examples), seed=config.seed)
-            calib_enc = encode(_take(shuffled, 0, config.calib_samples), src.tokenizer,
+            shuffled = examples.shuffled(seed=config.seed)
+            calib_enc = encode(shuffled.take(slice(0, config.calib_samples)), src.tokenizer,
                                max_length=config.calib_max_length, cap=min(128, src.config.max_position_embeddings))
             if len(shuffled) > config.calib_samples:
-                held_out = encode(_take(shuffled, config.calib_samples, config.calib_samples + 256), src.tokenizer,
+                held_out = encode(shuffled.take(slice(config.calib_samples, config.calib_samples + 256)), src.tokenizer,
                                   max_length=calib_enc.max_length)
         log.info("mapping %s (%s, %d layers, hidden %d, %d heads) → MobileBERT bottleneck %d, %d FFNs",
                  source, src.family, src.config.num_hidden_layers, src.config.hidden_size,
@@ -565,10 +565,3 @@ def convert(source, out_dir=None, config: ConvertConfig | None = None, calib=Non
                                                 out_dir=out, resume=resume, tokenizer=tokenizer)
     return report
 
-
-def _take(examples, start: int, stop: int):
-    from .data import Examples
-
-    sl = slice(start, stop)
-    return Examples(examples.texts[sl], examples.text_pairs[sl] if examples.text_pairs else None,
-                    examples.labels[sl] if examples.labels is not None else None, examples.source)

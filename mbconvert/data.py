@@ -36,11 +36,20 @@ class Examples:
         return len(self.texts)
 
     def subset(self, n: int, seed: int = 0) -> "Examples":
-        """The first n rows of a seeded shuffle (deterministic)."""
+        """The first n rows of a seeded shuffle (deterministic); all rows, unshuffled, when n ≥ len."""
         if n >= len(self):
             return self
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self), generator=g)[:n].tolist()
+        return self.take(torch.randperm(len(self), generator=g)[:n].tolist())
+
+    def shuffled(self, seed: int = 0) -> "Examples":
+        g = torch.Generator().manual_seed(seed)
+        return self.take(torch.randperm(len(self), generator=g).tolist())
+
+    def take(self, idx) -> "Examples":
+        """The rows at `idx` (a list of indices or a slice)."""
+        if isinstance(idx, slice):
+            idx = list(range(len(self)))[idx]
         return Examples(
             [self.texts[i] for i in idx],
             [self.text_pairs[i] for i in idx] if self.text_pairs else None,
