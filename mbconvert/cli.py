@@ -47,13 +47,16 @@ def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     p.add_argument("--budget", default=None, help="wall-clock budget, e.g. 10m")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    d = RecoveryConfig()  # the defaults live in mbconvert.config only
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--temperature", type=float, default=3.0)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--tolerance", type=float, default=0.01)
-    p.add_argument("--eval-every", type=int, default=100, help="task-stage steps between dev evaluations")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"task-stage learning rate (default {d.lr:g})")
+    p.add_argument("--layerwise-share", type=float, default=d.layerwise_share,
+                   help=f"share of the budget/steps spent on layer-wise transfer (default {d.layerwise_share:g})")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--tolerance", type=float, default=d.tolerance)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="task-stage steps between dev evaluations")
     p.add_argument("--attention-loss", choices=["relation_kl", "attention_kl_mapped"], default="relation_kl",
                    help="MiniLMv2 relations (any head counts) or per-head KL on the heads the adapter kept")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -64,7 +67,7 @@ def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
 
 def _recovery_config(a) -> RecoveryConfig:
     return RecoveryConfig(budget_s=parse_duration(a.budget), steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
-                          max_length=a.max_length, lr=a.lr, temperature=a.temperature, alpha=a.alpha,
+                          max_length=a.max_length, lr=a.lr, layerwise_share=a.layerwise_share, temperature=a.temperature, alpha=a.alpha,
                           tolerance=a.tolerance, seed=a.seed, eval_every=a.eval_every,
                           attention_loss=a.attention_loss, threads=a.threads)
 

@@ -35,8 +35,9 @@ class RecoveryConfig:
     epochs: float | None = None  # alternatively, passes over the training data
     layerwise_share: float = 0.3  # fraction of the steps/budget spent on the layer-wise stage
     batch_size: int = 32
+    bucket_batches: int = 50  # sort each window of this many batches by length (less padding); 1 = off
     max_length: int | None = None  # default: from the data (99th percentile of token lengths)
-    lr: float = 5e-4  # MobileBERT from a mapping tolerates a large LR (NoNorm, ReLU)
+    lr: float = 1e-4  # a fine-tuning LR: the mapped model starts close; 5e-4 first loses accuracy (benchmarks/NOTES.md)
     layerwise_lr: float = 1e-3
     lower_layer_lr_scale: float = 0.1  # layer-wise stage: LR factor for the layers below (and embeddings); 0 freezes
     warmup_ratio: float = 0.05
@@ -47,7 +48,7 @@ class RecoveryConfig:
     attention_weight: float = 1.0  # attention transfer (relation KL, head-count independent)
     attention_loss: str = "relation_kl"  # name in mbconvert.losses.LOSSES
     relation_heads: int = 8  # MiniLMv2 relation heads shared by teacher and student
-    tolerance: float = 0.01  # stop early once dev accuracy is within this of the teacher's
+    tolerance: float | None = 0.01  # stop early once dev accuracy is within this of the teacher's (None: never)
     eval_every: int = 100  # steps between evaluations in the task stage
     checkpoint_every_s: float = 120.0
     seed: int = 0

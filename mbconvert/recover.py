@@ -10,7 +10,8 @@ MobileBERT's progressive knowledge transfer, adapted to a converted model:
    teacher's logits are computed once for the whole training set, so this stage costs one MobileBERT.
 
 Dev accuracy is measured before recovery, after the layer-wise stage and every `eval_every` task steps;
-recovery stops once it is within `tolerance` of the teacher's and the best model seen is kept.
+recovery stops once it is within `tolerance` of the teacher's (never with `tolerance=None`) and the best model
+seen is kept.
 
 Resumability: the batch of every step is a function of (seed, stage, step) and the checkpoint holds the
 model, optimiser, RNG and progress, so a run stopped (Ctrl-C finishes the step and checkpoints first) and
@@ -193,6 +194,20 @@ def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=No
     return out
 
 
+def bucketed_batches(lengths: torch.Tensor, batch_size: int, seed: int, bucket: int) -> list[torch.Tensor]:
+    """One epoch of batches: shuffle, sort each window of `bucket` batches by length, cut into batches and
+    shuffle the batches. Batches are trimmed to their longest row, so similar lengths save most of the
+    padding (AG News: mean width 103 → ~55 tokens per batch) at the cost of slightly less random batches;
+    bucket ≤ 1 gives plain shuffled batches."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g)
+    if bucket > 1:
+        window = batch_size * bucket
+        order = torch.cat([chunk[torch.argsort(lengths[chunk], stable=True)] for chunk in order.split(window)])
+    batches = list(order.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
 @contextlib.contextmanager
 def _deferred_interrupt():
     """Ctrl-C sets a flag instead of raising mid-step, so the loop can checkpoint a consistent state."""
@@ -262,15 +277,15 @@ class Recovery:
         return json.dumps([options, len(self.train), len(self.eval_data) if self.eval_data is not None else 0])
 
     def _batch(self, stage_index: int, stage_step: int) -> tuple[torch.Tensor, dict]:
-        """The rows of a step: a seeded shuffle per (stage, epoch), so any step can be replayed."""
-        n, bs = len(self.train), self.cfg.batch_size
-        per_epoch = math.ceil(n / bs)
+        """The rows of a step: a seeded, length-bucketed shuffle per (stage, epoch), so any step can be replayed."""
+        per_epoch = math.ceil(len(self.train) / self.cfg.batch_size)
         epoch, pos = divmod(stage_step, per_epoch)
         key = (stage_index, epoch)
         if key != self._order_key:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + stage_index * 10_007 + epoch)
-            self._order_key, self._order = key, torch.randperm(n, generator=g)
-        idx = self._order[pos * bs:(pos + 1) * bs]
+            seed = self.cfg.seed * 1_000_003 + stage_index * 10_007 + epoch
+            self._order_key, self._order = key, bucketed_batches(self.train.attention_mask.sum(1), self.cfg.batch_size,
+                                                                 seed, self.cfg.bucket_batches)
+        idx = self._order[pos]
         return idx, {k: v.to(self.device) for k, v in self.train.batch(idx).items()}
 
     # ---------------------------------------------------------------- evaluation
@@ -295,7 +310,7 @@ class Recovery:
         if p.best_accuracy is None or acc > p.best_accuracy:
             p.best_accuracy, p.best_step = acc, p.step
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
-        if acc >= p.teacher_accuracy - self.cfg.tolerance:
+        if self.cfg.tolerance is not None and acc >= p.teacher_accuracy - self.cfg.tolerance:
             p.early_stopped = True
 
     def _start(self) -> None:

@@ -20,7 +20,7 @@ from mbconvert.data import Encoded, load_encoded
 from mbconvert.errors import DataError
 from mbconvert.load import load_student
 from mbconvert.losses import LOSSES, attention_kl_mapped, attention_kl_mean_heads, kd_logits, relation_kl
-from mbconvert.recover import STATE_FILE, plan_stages, recover
+from mbconvert.recover import STATE_FILE, bucketed_batches, plan_stages, recover
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,19 @@ def test_plan_splits_steps_or_the_time_budget_between_layers_and_the_task_stage(
     assert sum(s.steps for s in one_epoch) == 32
     timed = plan_stages(RecoveryConfig(budget_s=600, layerwise_share=0.2), n_layers=4, n_rows=1000)
     assert [(s.start_s, s.deadline_s) for s in timed] == [(0, 30), (30, 60), (60, 90), (90, 120), (120, 600)]
+
+
+def test_length_bucketed_batches_cover_every_row_once_with_less_padding():
+    lengths = torch.randint(5, 120, (1000,), generator=torch.Generator().manual_seed(1))
+    plain = bucketed_batches(lengths, 32, seed=3, bucket=1)
+    bucketed = bucketed_batches(lengths, 32, seed=3, bucket=10)
+    for batches in (plain, bucketed):
+        assert sorted(torch.cat(batches).tolist()) == list(range(1000))
+        assert all(len(b) <= 32 for b in batches)
+    width = lambda batches: sum(int(lengths[b].max()) for b in batches)  # noqa: E731  padded tokens per epoch
+    assert width(bucketed) < 0.8 * width(plain)
+    assert all(torch.equal(a, b) for a, b in zip(bucketed, bucketed_batches(lengths, 32, seed=3, bucket=10)))
+    assert not all(torch.equal(a, b) for a, b in zip(bucketed, bucketed_batches(lengths, 32, seed=4, bucket=10)))
 
 
 def test_recovery_repairs_a_lossy_conversion_and_stops_within_tolerance(lossy, teacher, data, tmp_path):
