@@ -1,11 +1,11 @@
 """End-to-end benchmark on real data: student vs MobileBERT (mapped, recovered, random-init, INT8).
 
     python benchmarks/run.py --suite toutiao --quick     # < 10 min on 2 cores (short recovery budgets)
-    python benchmarks/run.py --suite toutiao             # full: 10-min recoveries, --ffn 2 and layer_norm rows
+    python benchmarks/run.py --suite toutiao             # full: 10-min recoveries (5 for the variants), --ffn 2 and layer_norm rows
     python benchmarks/run.py --suite agnews              # the fine-tuned all-MiniLM-L6-v2 student (issue 7)
 
 Every row of a table is measured in the same run, on the suite's test split. Latency is onnxruntime on
-2 threads (median of 20 runs after warm-up) at the test data's longest row, batch 1 and batch 32. Results:
+2 threads at the test data's longest row, batch 1 and batch 32, measured at the end in interleaved rounds. Results:
 benchmarks/results/<suite>-<mode>.{md,json,png}; benchmarks/RESULTS.md is rebuilt from all of them.
 The students are built by examples/train_student.py (cached in checkpoints/); a missing one is trained
 first with the command printed in the results.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,7 @@ SUITES = {
 # quick mode distils on the first 8,000 training rows (the splits are shuffled): the student's logits on all
 # 27.8k Toutiao rows alone take ~3.5 minutes of a 10-minute run
 MODES = {"quick": {"budget_s": 150, "variant_budget_s": None, "train_rows": 8000},
-         "full": {"budget_s": 600, "variant_budget_s": 360, "train_rows": None}}
+         "full": {"budget_s": 600, "variant_budget_s": 300, "train_rows": None}}
 
 
 def measure_torch(model, test, reference_logits=None) -> dict:
@@ -71,9 +72,30 @@ def measure_onnx(model, test_file: Path, tokenizer, work: Path, rows: int) -> di
     from mbconvert.config import ExportConfig
     from mbconvert.export import export_model
 
-    report = export_model(model, ExportConfig(formats=("onnx", "onnx-int8"), max_samples=rows), data=test_file,
-                          out_dir=work, tokenizer=tokenizer)
+    report = export_model(model, ExportConfig(formats=("onnx", "onnx-int8"), max_samples=rows, latency_batch_sizes=()),
+                          data=test_file, out_dir=work, tokenizer=tokenizer)
+    for name, artifact in report["artifacts"].items():
+        artifact["path"], artifact["seq_len"] = work / artifact["file"], report["inputs"]["seq_len"]
     return report["artifacts"]
+
+
+def interleaved_latency(rows: dict, rounds: int = 5) -> None:
+    """Batch-1 and batch-32 onnxruntime latency (2 threads) of every exported row, measured at the end in
+    rounds that visit the models in turn, so that a busy spell of the machine hits all of them alike; the
+    median over rounds (each itself a median of 20 or 5 runs) goes into the row. Measured this way because
+    latencies taken minutes apart in one run differed by up to 1.5× on this shared 2-core box."""
+    from mbconvert.export import onnx_latency
+
+    timed = {name: row for name, row in rows.items() if row.get("onnx_path")}
+    samples = {name: {1: [], 32: []} for name in timed}
+    for _ in range(rounds):
+        for name, row in timed.items():
+            for batch, repeats in ((1, 20), (32, 5)):
+                samples[name][batch].append(onnx_latency(row["onnx_path"], batch, row["seq_len"], 2, repeats=repeats))
+    for name, row in timed.items():
+        row["latency_b1_ms"] = statistics.median(samples[name][1])
+        row["latency_b32_ms"] = statistics.median(samples[name][32])
+        del row["onnx_path"]
 
 
 # a fresh MobileBERT needs a training LR, not the fine-tuning LR the mapped one uses, and the layer-wise stage
@@ -164,7 +186,7 @@ def run(suite: str, mode: str, seed: int, budget_s: float | None = None) -> dict
         after = measure_torch(mobile, test, ref["logits"])
         after["recovery_s"] = summary["wall_s"]
         results["curves"][f"adapter{suffix}"] = summary
-        onnx = measure_onnx(mobile, data / "test.jsonl", tok, work / f"mobile{suffix.strip()}", len(test))
+        onnx = measure_onnx(mobile, data / "test.jsonl", tok, work / ("mobile" + suffix.replace(" --", "-").replace(" ", "-")), len(test))
         after.update(_onnx_row(onnx["onnx"]))
         int8 = _onnx_row(onnx["onnx-int8"], ref["accuracy"], agreement_with=None)
         if suffix == "":
@@ -181,6 +203,7 @@ def run(suite: str, mode: str, seed: int, budget_s: float | None = None) -> dict
         else:
             results["rows"][f"MobileBERT{suffix} from the adapter, after recovery"] = after
             results["rows"][f"MobileBERT{suffix} after recovery, INT8 (onnxruntime dynamic)"] = int8
+    interleaved_latency(results["rows"])
     for row in results["rows"].values():
         row.pop("logits", None)
     results["time_to_band_s"] = {name: time_to_band(s, 0.01) for name, s in results["curves"].items()}
@@ -190,9 +213,8 @@ def run(suite: str, mode: str, seed: int, budget_s: float | None = None) -> dict
 
 
 def _onnx_row(artifact: dict, reference_accuracy: float | None = None, agreement_with=None) -> dict:
-    lat = artifact.get("latency", {})
-    row = {"size_mb": artifact["size_mb"], "latency_b1_ms": lat.get("batch1_ms"), "latency_b32_ms": lat.get("batch32_ms"),
-           "ort_accuracy": artifact.get("accuracy")}
+    row = {"size_mb": artifact["size_mb"], "ort_accuracy": artifact.get("accuracy"),
+           "onnx_path": str(artifact["path"]), "seq_len": artifact["seq_len"]}
     if reference_accuracy is not None:
         row["accuracy"] = artifact.get("accuracy")
         row["agreement_fp32"] = artifact.get("vs_fp32", {}).get("argmax_agreement")

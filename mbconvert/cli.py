@@ -55,7 +55,9 @@ def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
                    help=f"share of the budget/steps spent on layer-wise transfer (default {d.layerwise_share:g})")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--tolerance", type=float, default=d.tolerance)
+    p.add_argument("--tolerance", type=float, default=d.tolerance,
+                   help=f"stop once dev accuracy is within this of the student's (default {d.tolerance:g})")
+    p.add_argument("--no-early-stop", action="store_true", help="use the whole budget; the best dev model is kept")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="task-stage steps between dev evaluations")
     p.add_argument("--attention-loss", choices=["relation_kl", "attention_kl_mapped"], default="relation_kl",
                    help="MiniLMv2 relations (any head counts) or per-head KL on the heads the adapter kept")
@@ -68,7 +70,7 @@ def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
 def _recovery_config(a) -> RecoveryConfig:
     return RecoveryConfig(budget_s=parse_duration(a.budget), steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
                           max_length=a.max_length, lr=a.lr, layerwise_share=a.layerwise_share, temperature=a.temperature, alpha=a.alpha,
-                          tolerance=a.tolerance, seed=a.seed, eval_every=a.eval_every,
+                          tolerance=None if a.no_early_stop else a.tolerance, seed=a.seed, eval_every=a.eval_every,
                           attention_loss=a.attention_loss, threads=a.threads)
 
 
