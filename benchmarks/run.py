@@ -79,23 +79,32 @@ def measure_onnx(model, test_file: Path, tokenizer, work: Path, rows: int) -> di
     return report["artifacts"]
 
 
-def interleaved_latency(rows: dict, rounds: int = 5) -> None:
-    """Batch-1 and batch-32 onnxruntime latency (2 threads) of every exported row, measured at the end in
-    rounds that visit the models in turn, so that a busy spell of the machine hits all of them alike; the
-    median over rounds (each itself a median of 20 or 5 runs) goes into the row. Measured this way because
-    latencies taken minutes apart in one run differed by up to 1.5× on this shared 2-core box."""
+def interleaved_latency(rows: dict, work: Path, rounds: int = 5) -> None:
+    """Batch-1 and batch-32 onnxruntime latency (2 threads) of every exported row, measured at the end in a
+    fresh process (in the benchmark's own process, after the PyTorch work, the small models measured up to 2×
+    slower: MobileBERT INT8 batch 1 2.6 vs 1.3 ms) in rounds that visit the models in turn, so that a busy spell
+    of the shared machine hits all of them alike. Each row gets the median over rounds."""
+    timed = {name: row for name, row in rows.items() if row.get("onnx_path")}
+    spec = work / "latency.json"
+    spec.write_text(json.dumps({"rounds": rounds, "models": {name: [row.pop("onnx_path"), row["seq_len"]]
+                                                                for name, row in timed.items()}}), encoding="utf-8")
+    out = subprocess.run([sys.executable, __file__, "--latency-of", str(spec)], check=True, capture_output=True,
+                         text=True).stdout
+    for name, (b1, b32) in json.loads(out.strip().splitlines()[-1]).items():
+        timed[name]["latency_b1_ms"], timed[name]["latency_b32_ms"] = b1, b32
+
+
+def latency_rounds(spec_file: Path) -> None:
+    """The subprocess side of interleaved_latency: prints {name: [batch-1 ms, batch-32 ms]} as JSON."""
     from mbconvert.export import onnx_latency
 
-    timed = {name: row for name, row in rows.items() if row.get("onnx_path")}
-    samples = {name: {1: [], 32: []} for name in timed}
-    for _ in range(rounds):
-        for name, row in timed.items():
-            for batch, repeats in ((1, 20), (32, 5)):
-                samples[name][batch].append(onnx_latency(row["onnx_path"], batch, row["seq_len"], 2, repeats=repeats))
-    for name, row in timed.items():
-        row["latency_b1_ms"] = statistics.median(samples[name][1])
-        row["latency_b32_ms"] = statistics.median(samples[name][32])
-        del row["onnx_path"]
+    spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    samples = {name: ([], []) for name in spec["models"]}
+    for _ in range(spec["rounds"]):
+        for name, (path, seq_len) in spec["models"].items():
+            samples[name][0].append(onnx_latency(path, 1, seq_len, 2, repeats=20))
+            samples[name][1].append(onnx_latency(path, 32, seq_len, 2, repeats=5))
+    print(json.dumps({name: [statistics.median(b1), statistics.median(b32)] for name, (b1, b32) in samples.items()}))
 
 
 # a fresh MobileBERT needs a training LR, not the fine-tuning LR the mapped one uses, and the layer-wise stage
@@ -203,7 +212,7 @@ def run(suite: str, mode: str, seed: int, budget_s: float | None = None) -> dict
         else:
             results["rows"][f"MobileBERT{suffix} from the adapter, after recovery"] = after
             results["rows"][f"MobileBERT{suffix} after recovery, INT8 (onnxruntime dynamic)"] = int8
-    interleaved_latency(results["rows"])
+    interleaved_latency(results["rows"], work)
     for row in results["rows"].values():
         row.pop("logits", None)
     results["time_to_band_s"] = {name: time_to_band(s, 0.01) for name, s in results["curves"].items()}
@@ -305,7 +314,11 @@ def main() -> None:
     p.add_argument("--data", type=Path, help="override the suite's data folder (train/dev/test.jsonl)")
     p.add_argument("--student", type=Path, help="override the suite's student (an HF folder)")
     p.add_argument("--budget", type=float, help="override the main recovery budget (seconds)")
+    p.add_argument("--latency-of", type=Path, help=argparse.SUPPRESS)  # internal: the latency subprocess
     a = p.parse_args()
+    if a.latency_of:
+        latency_rounds(a.latency_of)
+        return
     mode = ("quick" if a.quick else "full") + (f"-budget{a.budget:g}s" if a.budget else "")
     if a.data or a.student:
         SUITES[a.suite] = {**SUITES[a.suite], "data": a.data or SUITES[a.suite]["data"],
