@@ -69,7 +69,8 @@ def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
 
 def _recovery_config(a) -> RecoveryConfig:
     return RecoveryConfig(budget_s=parse_duration(a.budget), steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
-                          max_length=a.max_length, lr=a.lr, layerwise_share=a.layerwise_share, temperature=a.temperature, alpha=a.alpha,
+                          max_length=a.max_length, lr=a.lr, layerwise_share=a.layerwise_share,
+                          temperature=a.temperature, alpha=a.alpha,
                           tolerance=None if a.no_early_stop else a.tolerance, seed=a.seed, eval_every=a.eval_every,
                           attention_loss=a.attention_loss, threads=a.threads)
 
