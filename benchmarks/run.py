@@ -68,7 +68,7 @@ def measure_torch(model, test, reference_logits=None) -> dict:
 
 
 def measure_onnx(model, test_file: Path, tokenizer, work: Path, rows: int) -> dict:
-    """Export FP32 + INT8 and read accuracy/size/latency from export.json (measured by mbconvert.export)."""
+    """Export FP32 + INT8; accuracy and size from export.json (mbconvert.export), latency later, interleaved."""
     from mbconvert.config import ExportConfig
     from mbconvert.export import export_model
 
@@ -81,9 +81,10 @@ def measure_onnx(model, test_file: Path, tokenizer, work: Path, rows: int) -> di
 
 def interleaved_latency(rows: dict, work: Path, rounds: int = 5) -> None:
     """Batch-1 and batch-32 onnxruntime latency (2 threads) of every exported row, measured at the end in a
-    fresh process (in the benchmark's own process, after the PyTorch work, the small models measured up to 2×
-    slower: MobileBERT INT8 batch 1 2.6 vs 1.3 ms) in rounds that visit the models in turn, so that a busy spell
-    of the shared machine hits all of them alike. Each row gets the median over rounds."""
+    child process, in rounds that visit the models in turn so that a busy spell of the shared machine hits all of
+    them alike; each row gets the median over rounds. Caveat (benchmarks/NOTES.md): launched from here, the child
+    measured the small models up to 2× slower than the same child launched from an idle shell (MobileBERT INT8
+    batch 1: 2.6 vs 1.3 ms); the cause is not found. `--latency-of <work>/latency.json` re-measures the files."""
     timed = {name: row for name, row in rows.items() if row.get("onnx_path")}
     spec = work / "latency.json"
     spec.write_text(json.dumps({"rounds": rounds, "models": {name: [row.pop("onnx_path"), row["seq_len"]]
