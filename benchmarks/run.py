@@ -198,7 +198,7 @@ def run(suite: str, mode: str, seed: int, budget_s: float | None = None) -> dict
         results["curves"][f"adapter{suffix}"] = summary
         onnx = measure_onnx(mobile, data / "test.jsonl", tok, work / ("mobile" + suffix.replace(" --", "-").replace(" ", "-")), len(test))
         after.update(_onnx_row(onnx["onnx"]))
-        int8 = _onnx_row(onnx["onnx-int8"], ref["accuracy"], agreement_with=None)
+        int8 = _onnx_row(onnx["onnx-int8"], ref["accuracy"])
         if suffix == "":
             results["rows"]["MobileBERT from the adapter, after recovery"] = after
             torch.manual_seed(seed)
@@ -222,7 +222,7 @@ def run(suite: str, mode: str, seed: int, budget_s: float | None = None) -> dict
     return results
 
 
-def _onnx_row(artifact: dict, reference_accuracy: float | None = None, agreement_with=None) -> dict:
+def _onnx_row(artifact: dict, reference_accuracy: float | None = None) -> dict:
     row = {"size_mb": artifact["size_mb"], "ort_accuracy": artifact.get("accuracy"),
            "onnx_path": str(artifact["path"]), "seq_len": artifact["seq_len"]}
     if reference_accuracy is not None:
