@@ -27,6 +27,7 @@ p.add_argument("--int8", action="store_true")
 p.add_argument("--extra", default="{}")
 p.add_argument("--no-recover", action="store_true")
 p.add_argument("--cextra", default="{}")
+p.add_argument("--test-curve", action="store_true")
 a = p.parse_args()
 torch.set_num_threads(2)
 data = SHARED / a.suite
@@ -55,7 +56,17 @@ def stats(tag):
     print(tag, "max|h| per layer", [f"{h.abs().max():.3g}" for h in hs], flush=True)
 stats("before")
 if not a.no_recover:
-    rc = RecoveryConfig(budget_s=a.budget if not a.steps else None, steps=a.steps, layerwise_share=a.share, lr=a.lr, tolerance=0.0, eval_every=100, progress=False, **json.loads(a.extra))
+    rc = RecoveryConfig(budget_s=a.budget if not a.steps else None, steps=a.steps, layerwise_share=a.share, lr=a.lr, tolerance=None, eval_every=100, progress=False, **json.loads(a.extra))
+    if a.test_curve:  # also measure test accuracy at every evaluation, off the recovery's clock
+        import mbconvert.recover as R
+        original, test_curve = R.Recovery._record_evaluation, []
+        def record(self):
+            original(self); t0 = time.monotonic()
+            with self._ema_weights():
+                acc = float((R._logits(self.student, test, self.device, 64).argmax(-1) == test.labels).float().mean())
+            test_curve.append((self.p.step, round(self.elapsed), self.p.accuracy_curve[-1][2], round(acc, 4))); self._clock += time.monotonic() - t0
+            print("eval", test_curve[-1], flush=True)
+        R.Recovery._record_evaluation = record
     s = recover(mobile, student.model, train, config=rc, eval_data=dev, cache_dir="/tmp/exp/cache-" + a.suite)
     print("curve", [(st, round(sec), round(acc, 4)) for st, sec, acc in s["accuracy_curve"]], "teacher", s["teacher_accuracy"])
     stats("after")

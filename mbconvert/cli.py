@@ -59,6 +59,14 @@ def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
                    help=f"stop once dev accuracy is within this of the student's (default {d.tolerance:g})")
     p.add_argument("--no-early-stop", action="store_true", help="use the whole budget; the best dev model is kept")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="task-stage steps between dev evaluations")
+    p.add_argument("--mix-rows", type=float, default=d.mix_rows,
+                   help="share of each batch's rows whose tokens are mixed and relabelled by the student, live "
+                        f"(data augmentation for small training sets; default {d.mix_rows:g})")
+    p.add_argument("--ema", type=float, default=d.ema_decay, metavar="DECAY",
+                   help="evaluate and keep a moving average of the weights, e.g. 0.995")
+    p.add_argument("--keep-last", action="store_true",
+                   help="keep the final weights, not the best dev point (small dev sets: the best point is noise)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training (CPUs with AVX512-BF16/AMX)")
     p.add_argument("--attention-loss", choices=["relation_kl", "attention_kl_mapped"], default="relation_kl",
                    help="MiniLMv2 relations (any head counts) or per-head KL on the heads the adapter kept")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -72,7 +80,8 @@ def _recovery_config(a) -> RecoveryConfig:
                           max_length=a.max_length, lr=a.lr, layerwise_share=a.layerwise_share,
                           temperature=a.temperature, alpha=a.alpha,
                           tolerance=None if a.no_early_stop else a.tolerance, seed=a.seed, eval_every=a.eval_every,
-                          attention_loss=a.attention_loss, threads=a.threads)
+                          attention_loss=a.attention_loss, threads=a.threads, mix_rows=a.mix_rows,
+                          ema_decay=a.ema, bf16=a.bf16, keep="last" if a.keep_last else "best")
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:

@@ -48,6 +48,11 @@ class RecoveryConfig:
     attention_weight: float = 1.0  # attention transfer (relation KL, head-count independent)
     attention_loss: str = "relation_kl"  # name in mbconvert.losses.LOSSES
     relation_heads: int = 8  # MiniLMv2 relation heads shared by teacher and student
+    mix_rows: float = 0.0  # task stage: share of each batch's rows whose tokens are mixed, labelled live by the teacher
+    mix_tokens: float = 0.2  # in a mixed row, the chance that each token is swapped for one from another row
+    bf16: bool = False  # bfloat16 autocast for training steps (CPUs with AVX512-BF16/AMX, recent GPUs); eval stays fp32
+    ema_decay: float | None = None  # task stage: evaluate and keep an exponential moving average of the weights
+    keep: str = "best"  # "best": the weights of the best dev evaluation; "last": the final ones (small dev sets)
     tolerance: float | None = 0.01  # stop early once dev accuracy is within this of the teacher's (None: never)
     eval_every: int = 100  # steps between evaluations in the task stage
     checkpoint_every_s: float = 120.0

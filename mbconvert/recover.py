@@ -9,9 +9,10 @@ MobileBERT's progressive knowledge transfer, adapted to a converted model:
 2. Task stage: logit distillation `alpha·T²·KL + (1−alpha)·CE` (KL alone for unlabelled data). The
    teacher's logits are computed once for the whole training set, so this stage costs one MobileBERT.
 
-Dev accuracy is measured before recovery, after the layer-wise stage and every `eval_every` task steps;
+Dev accuracy is measured before recovery, after the layer-wise stage and every `eval_every` task steps (of the
+weights' moving average when `ema_decay` is set);
 recovery stops once it is within `tolerance` of the teacher's (never with `tolerance=None`) and the best model
-seen is kept.
+seen is kept (`keep="last"`: the final one — on a small dev set the best point is often noise).
 
 Resumability: the batch of every step is a function of (seed, stage, step) and the checkpoint holds the
 model, optimiser, RNG and progress, so a run stopped (Ctrl-C finishes the step and checkpoints first) and
@@ -169,10 +170,11 @@ def _inputs(batch: dict) -> dict:
 def _logits(model, data: Encoded, device, batch_size: int) -> torch.Tensor:
     was_training = model.training
     model.eval()
+    order = data.length_order()
     out = torch.cat([model(**{k: v.to(device) for k, v in _inputs(b).items()}).logits.float()
-                     for b in data.batches(batch_size)])
+                     for b in data.batches(batch_size, order=order)])
     model.train(was_training)
-    return out
+    return out[torch.argsort(order).to(out.device)]
 
 
 def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=None) -> torch.Tensor:
@@ -206,6 +208,26 @@ def bucketed_batches(lengths: torch.Tensor, batch_size: int, seed: int, bucket: 
         order = torch.cat([chunk[torch.argsort(lengths[chunk], stable=True)] for chunk in order.split(window)])
     batches = list(order.split(batch_size))
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def mix_tokens(inputs: dict, rows: int, rate: float, generator: torch.Generator) -> tuple[dict, torch.Tensor]:
+    """Data augmentation for distillation: in `rows` random rows of the batch, swap each real token with
+    probability `rate` for a token drawn from the batch's real tokens (special tokens — the ids that open or close
+    a row — and padding are never swapped or drawn). The teacher labels the mixed rows; the student learns its
+    function around, not only at, the training texts. Returns the new inputs and the boolean mask of mixed rows."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    n, width = ids.shape
+    last = ids[torch.arange(n), mask.sum(1).clamp(min=1) - 1]
+    real = mask.bool() & ~torch.isin(ids, torch.cat([ids[:, 0], last]))
+    mixed = torch.zeros(n, dtype=torch.bool)
+    pool = ids[real].cpu()
+    if not len(pool):  # nothing to mix (rows of special tokens only)
+        return inputs, mixed.to(ids.device)
+    mixed[torch.randperm(n, generator=generator)[:rows]] = True
+    swap = real.cpu() & mixed[:, None] & (torch.rand(n, width, generator=generator) < rate)
+    drawn = pool[torch.randint(len(pool), (n, width), generator=generator)]
+    new_ids = torch.where(swap.to(ids.device), drawn.to(ids.device), ids)
+    return dict(inputs, input_ids=new_ids), mixed.to(ids.device)
 
 
 @contextlib.contextmanager
@@ -255,6 +277,7 @@ class Recovery:
         self.projections = self._projections()
         self.p = Progress()
         self.best_state: dict | None = None
+        self.ema: list[torch.Tensor] | None = None  # task stage: moving average of the parameters (ema_decay)
         self.teacher_logits: torch.Tensor | None = None
         self.teacher_eval_logits: torch.Tensor | None = None
         self._order_key, self._order = None, None
@@ -306,14 +329,18 @@ class Recovery:
         return self.teacher_eval_logits.argmax(-1)
 
     def _record_evaluation(self) -> None:
-        acc = self._evaluate()
-        if acc is None:
-            return
-        p = self.p
-        p.accuracy_curve.append([p.step, round(self.elapsed, 2), acc])
-        if p.best_accuracy is None or acc > p.best_accuracy:
-            p.best_accuracy, p.best_step = acc, p.step
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+        """Evaluate the model (its moving average under ema_decay) and keep it when it is the best so far."""
+        with self._ema_weights():
+            acc = self._evaluate()
+            if acc is None:
+                return
+            p = self.p
+            p.accuracy_curve.append([p.step, round(self.elapsed, 2), acc])
+            if p.best_accuracy is None or acc > p.best_accuracy:
+                p.best_accuracy, p.best_step = acc, p.step
+                if self.cfg.keep == "best":
+                    self.best_state = {k: v.detach().to("cpu", copy=True)
+                                       for k, v in self.student.state_dict().items()}
         if self.cfg.tolerance is not None and acc >= p.teacher_accuracy - self.cfg.tolerance:
             p.early_stopped = True
 
@@ -325,6 +352,29 @@ class Recovery:
             self.p.teacher_accuracy = float((self.teacher_eval_logits.argmax(-1) == reference).float().mean())
             self._record_evaluation()
             self.p.initial_accuracy = self.p.accuracy_curve[-1][2]
+
+    # ---------------------------------------------------------------- weight averaging
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """Swap the averaged parameters in (when ema_decay is set and the task stage has begun)."""
+        if self.ema is None:
+            yield
+            return
+        params = [p for p in self.student.parameters()]
+        current = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(params, self.ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, current)
+
+    def _update_ema(self) -> None:
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.student.parameters()],
+                                     1.0 - self.cfg.ema_decay)
 
     # ---------------------------------------------------------------- steps
     def _layer_loss(self, stage: Stage, batch: dict, taps: tuple[LayerTap, LayerTap]) -> torch.Tensor:
@@ -347,12 +397,27 @@ class Recovery:
         return loss
 
     def _task_loss(self, idx: torch.Tensor, batch: dict) -> torch.Tensor:
-        """alpha·KD + (1−alpha)·CE against cached teacher logits; KD alone without labels."""
-        logits = self.student(**_inputs(batch)).logits
-        kd = losses.kd_logits(logits, self.teacher_logits[idx.to(self.device)], self.cfg.temperature)
-        if "labels" not in batch:
+        """alpha·KD + (1−alpha)·CE against cached teacher logits; KD alone without labels. With mix_rows, some
+        rows are token-mixed (mix_tokens) and distilled from the teacher's live logits, without CE."""
+        inputs, targets = _inputs(batch), self.teacher_logits[idx.to(self.device)]
+        clean = None
+        rows = round(self.cfg.mix_rows * len(idx))
+        if rows:
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_033 + self.p.step)
+            inputs, mixed = mix_tokens(inputs, rows, self.cfg.mix_tokens, generator)
+            if mixed.any():
+                with torch.no_grad():
+                    live = self.teacher(**{k: v[mixed] for k, v in inputs.items()}).logits.float()
+                targets = targets.clone()
+                targets[mixed] = live
+                clean = ~mixed
+        logits = self.student(**inputs).logits
+        kd = losses.kd_logits(logits, targets, self.cfg.temperature)
+        if "labels" not in batch or (clean is not None and not clean.any()):
             return kd
-        return self.cfg.alpha * kd + (1 - self.cfg.alpha) * F.cross_entropy(logits.float(), batch["labels"])
+        labelled = logits if clean is None else logits[clean]
+        labels = batch["labels"] if clean is None else batch["labels"][clean]
+        return self.cfg.alpha * kd + (1 - self.cfg.alpha) * F.cross_entropy(labelled.float(), labels)
 
     def _optimizer(self, stage: Stage) -> tuple[torch.optim.Optimizer, list]:
         """AdamW for a stage, and the parameters it freezes (restored when the stage ends)."""
@@ -387,11 +452,14 @@ class Recovery:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
         idx, batch = self._batch(index, self.p.stage_step)
-        loss = self._task_loss(idx, batch) if stage.layer is None else self._layer_loss(stage, batch, taps)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            loss = self._task_loss(idx, batch) if stage.layer is None else self._layer_loss(stage, batch, taps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
+        if stage.layer is None:
+            self._update_ema()
         return float(loss.detach())
 
     def _log_loss(self, kind: str, loss: float) -> None:
@@ -413,7 +481,7 @@ class Recovery:
         progress = dataclasses.asdict(self.p) | {"elapsed_s": self.elapsed}
         state = {"fingerprint": self._fingerprint(), "model": self.student.state_dict(),
                  "optimizer": optimizer.state_dict(), "progress": progress,
-                 "rng": torch.get_rng_state(), "best": self.best_state or {},
+                 "rng": torch.get_rng_state(), "best": self.best_state or {}, "ema": self.ema or [],
                  "projections": self.projections.state_dict() if self.projections is not None else {}}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -438,6 +506,7 @@ class Recovery:
             self.projections.load_state_dict(state["projections"])
         self.p = Progress(**state["progress"])
         self.best_state = state["best"] or None
+        self.ema = [t.to(self.device) for t in state.get("ema", [])] or None
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -489,6 +558,8 @@ class Recovery:
             self.teacher_logits = teacher_logits(self.teacher, self.train, self.device, 2 * self.cfg.batch_size,
                                                  self.cache_dir)
         taps = self._taps(stage)
+        if stage.layer is None and self.cfg.ema_decay is not None and self.ema is None:
+            self.ema = [p.detach().clone() for p in self.student.parameters()]
         for p in frozen:
             p.requires_grad_(False)
         try:
@@ -542,6 +613,9 @@ class Recovery:
         """Restore the best model, write recovery.json, print the summary line."""
         if self.best_state is not None:
             self.student.load_state_dict(self.best_state)
+        elif self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.student.parameters()), self.ema)
         self.student.eval()
         summary = self._summary()
         if self.out_dir is not None:
@@ -556,7 +630,8 @@ class Recovery:
         return {
             "metric": "accuracy" if self.eval_data is None or self.eval_data.labels is not None else "agreement",
             "teacher_accuracy": p.teacher_accuracy, "initial_accuracy": p.initial_accuracy,
-            "final_accuracy": p.best_accuracy, "best_step": p.best_step, "steps": p.step,
+            "final_accuracy": p.best_accuracy if self.cfg.keep == "best" or not p.accuracy_curve
+            else p.accuracy_curve[-1][2], "best_accuracy": p.best_accuracy, "best_step": p.best_step, "steps": p.step,
             "early_stopped": p.early_stopped, "wall_s": round(self.elapsed, 2), "device": str(self.device),
             "stages": {kind: {"steps": p.work[kind][0], "seconds": round(p.work[kind][1], 2), "loss": curve}
                        for kind, curve in p.losses.items()},
@@ -604,7 +679,7 @@ def recover(mobilebert, teacher, train_data: Encoded, config: RecoveryConfig | N
     the checkpoint that `resume=True` continues from. `head_map[l]` lists, for each MobileBERT head of layer
     l, the teacher head it came from (only `attention_loss='attention_kl_mapped'` uses it). `cache_dir` keeps
     the teacher's logits on the training data for the next recovery on the same data. On return the
-    model holds the best weights seen on the dev data (the last ones without dev data).
+    model holds the best weights seen on the dev data (the last ones without dev data or with keep="last").
     """
     cfg = config or RecoveryConfig()
     n_labels = mobilebert.config.num_labels
@@ -613,6 +688,8 @@ def recover(mobilebert, teacher, train_data: Encoded, config: RecoveryConfig | N
     _check_data(train_data, "training", n_labels)
     if eval_data is not None:
         _check_data(eval_data, "eval", n_labels)
+    if cfg.keep not in ("best", "last"):
+        raise ConfigError(f"keep must be 'best' or 'last', not {cfg.keep!r}")
     if cfg.stop_after_steps is not None and out_dir is None:
         raise ConfigError("stop_after_steps needs an out_dir to checkpoint into")
     if cfg.threads:

@@ -37,7 +37,10 @@ def _forward(model, batch, hidden: bool, attentions: bool):
 @torch.no_grad()
 def predict_logits(model, encoded: Encoded, batch_size: int = 64) -> torch.Tensor:
     model.eval()
-    return torch.cat([_forward(model, b, False, False).logits.float() for b in encoded.batches(batch_size)])
+    order = encoded.length_order()
+    logits = torch.cat([_forward(model, b, False, False).logits.float()
+                        for b in encoded.batches(batch_size, order=order)])
+    return logits[torch.argsort(order)]
 
 
 @torch.no_grad()

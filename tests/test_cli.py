@@ -134,3 +134,18 @@ def test_safetensors_written_by_us_round_trip(student_pt, tmp_path, capsys):
                                         "\n".join(helpers.SPECIAL + helpers.CHARS) + "\n")
     code, _, err = run_cli([tmp_path / "s.safetensors", "-o", tmp_path / "o", "--bottleneck", "64"], capsys)
     assert code == 0, err
+
+
+def test_recover_flags_reach_the_recovery_config_and_defaults_come_from_it():
+    from mbconvert.cli import _recovery_config, build_parser
+    from mbconvert.config import RecoveryConfig
+
+    def parse(*flags):
+        return _recovery_config(build_parser("recover").parse_args(["out", "--teacher", "s.pt", "--train", "t.jsonl",
+                                                                    *flags]))
+
+    assert parse() == RecoveryConfig()
+    cfg = parse("--budget", "10m", "--no-early-stop", "--mix-rows", "0.5", "--ema", "0.995", "--bf16",
+                "--layerwise-share", "0", "--keep-last")
+    assert (cfg.budget_s, cfg.tolerance, cfg.mix_rows, cfg.ema_decay, cfg.bf16, cfg.layerwise_share, cfg.keep) == \
+        (600.0, None, 0.5, 0.995, True, 0.0, "last")

@@ -20,7 +20,7 @@ from mbconvert.data import Encoded, load_encoded
 from mbconvert.errors import DataError
 from mbconvert.load import load_student
 from mbconvert.losses import LOSSES, attention_kl_mapped, attention_kl_mean_heads, kd_logits, relation_kl
-from mbconvert.recover import STATE_FILE, bucketed_batches, plan_stages, recover
+from mbconvert.recover import STATE_FILE, bucketed_batches, mix_tokens, plan_stages, recover
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,20 @@ def test_length_bucketed_batches_cover_every_row_once_with_less_padding():
     assert not all(torch.equal(a, b) for a, b in zip(bucketed, bucketed_batches(lengths, 32, seed=4, bucket=10)))
 
 
+def test_token_mixing_swaps_only_real_tokens_of_the_chosen_rows():
+    ids = torch.tensor([[101, 5, 6, 7, 102, 0, 0], [101, 8, 9, 102, 0, 0, 0], [101, 10, 11, 12, 13, 14, 102]])
+    inputs = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids)}
+    out, mixed = mix_tokens(inputs, rows=2, rate=0.5, generator=torch.Generator().manual_seed(0))
+    new = out["input_ids"]
+    assert int(mixed.sum()) == 2 and torch.equal(new[~mixed], ids[~mixed])
+    assert not torch.equal(new, ids)
+    special_or_pad = (ids == 0) | (ids == 101) | (ids == 102)
+    assert torch.equal(new[special_or_pad], ids[special_or_pad])  # [CLS], [SEP] and padding stay
+    assert set(new[~special_or_pad].tolist()) <= set(range(5, 15))  # drawn from the batch's own real tokens
+    again, _ = mix_tokens(inputs, rows=2, rate=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again["input_ids"], new)
+
+
 def test_recovery_repairs_a_lossy_conversion_and_stops_within_tolerance(lossy, teacher, data, tmp_path):
     model = copy.deepcopy(lossy)
     before = accuracy(model, data["dev"])
@@ -123,10 +137,11 @@ def test_recovery_repairs_a_lossy_conversion_and_stops_within_tolerance(lossy, t
     assert written["accuracy_curve"][0][0] == 0 and not (tmp_path / STATE_FILE).exists()
 
 
-def test_resume_after_interruptions_equals_an_uninterrupted_run(lossy, teacher, data, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"ema_decay": 0.8, "mix_rows": 0.5}], ids=["plain", "averaged-mixed"])
+def test_resume_after_interruptions_equals_an_uninterrupted_run(lossy, teacher, data, tmp_path, options):
     """Interrupted once in the layer-wise stage and once in the task stage, resumed each time."""
     cfg = RecoveryConfig(steps=12, layerwise_share=0.5, batch_size=16, eval_every=2, tolerance=-1.0,
-                         progress=False, seed=3)
+                         progress=False, seed=3, **options)
     reference = copy.deepcopy(lossy)
     expected = recover(reference, teacher.model, data["train"], cfg, eval_data=data["dev"], out_dir=tmp_path / "a")
 
@@ -145,6 +160,41 @@ def test_resume_after_interruptions_equals_an_uninterrupted_run(lossy, teacher, 
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert [c[::2] for c in resumed["accuracy_curve"]] == [c[::2] for c in expected["accuracy_curve"]]
     assert resumed["steps"] == expected["steps"] == 12
+
+
+def test_the_weight_average_is_what_gets_evaluated_and_kept(lossy, teacher, data):
+    """ema_decay=1 never moves the average: every evaluation sees the starting weights, and so does the result."""
+    cfg = RecoveryConfig(steps=6, layerwise_share=0, batch_size=16, eval_every=2, tolerance=None, progress=False,
+                         ema_decay=1.0)
+    model = copy.deepcopy(lossy)
+    summary = recover(model, teacher.model, data["train"], cfg, eval_data=data["dev"])
+    assert len({acc for _, _, acc in summary["accuracy_curve"]}) == 1
+    model_without_dev = copy.deepcopy(lossy)
+    recover(model_without_dev, teacher.model, data["train"], cfg)
+    for got in (model, model_without_dev):
+        assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), lossy.state_dict().values()))
+
+
+def test_keep_last_leaves_the_final_weights_not_the_best_dev_point(lossy, teacher, data):
+    cfg = RecoveryConfig(steps=10, layerwise_share=0, batch_size=16, eval_every=5, tolerance=None, progress=False,
+                         keep="last")
+    model, without_dev = copy.deepcopy(lossy), copy.deepcopy(lossy)
+    summary = recover(model, teacher.model, data["train"], cfg, eval_data=data["dev"])
+    recover(without_dev, teacher.model, data["train"], cfg)  # no dev data: always the last weights
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), without_dev.state_dict().values()))
+    assert summary["final_accuracy"] == summary["accuracy_curve"][-1][2] == pytest.approx(accuracy(model, data["dev"]))
+
+
+def test_bf16_autocast_trains_and_repairs_like_fp32(lossy, teacher, data):
+    cfg = RecoveryConfig(steps=80, batch_size=32, eval_every=8, progress=False, bf16=True)
+    fp32_steps, bf16_steps, model = copy.deepcopy(lossy), copy.deepcopy(lossy), copy.deepcopy(lossy)
+    few_steps = dict(steps=3, layerwise_share=0, eval_every=3)  # the first step has LR 0 (warm-up)
+    recover(fp32_steps, teacher.model, data["train"], dataclasses.replace(cfg, bf16=False, **few_steps))
+    recover(bf16_steps, teacher.model, data["train"], dataclasses.replace(cfg, **few_steps))
+    assert not all(torch.equal(a, b) for a, b in zip(fp32_steps.state_dict().values(), bf16_steps.state_dict().values()))
+    summary = recover(model, teacher.model, data["train"], cfg, eval_data=data["dev"])
+    assert summary["final_accuracy"] >= summary["teacher_accuracy"] - cfg.tolerance
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_empty_training_data_is_a_data_error(lossy, teacher, data):
