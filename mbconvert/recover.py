@@ -44,6 +44,7 @@ from .config import RecoveryConfig
 from .data import Encoded, load_encoded
 from .errors import ConfigError, DataError, ShapeMismatchError
 from .fileio import atomic_dir, safe_torch_load, write_json
+from .similarity import predict_logits
 
 log = logging.getLogger("mbconvert")
 STATE_FILE = "recovery_state.pt"
@@ -166,15 +167,11 @@ def _inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-@torch.no_grad()
 def _logits(model, data: Encoded, device, batch_size: int) -> torch.Tensor:
     was_training = model.training
-    model.eval()
-    order = data.length_order()
-    out = torch.cat([model(**{k: v.to(device) for k, v in _inputs(b).items()}).logits.float()
-                     for b in data.batches(batch_size, order=order)])
+    out = predict_logits(model, data, batch_size, device)
     model.train(was_training)
-    return out[torch.argsort(order).to(out.device)]
+    return out
 
 
 def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=None) -> torch.Tensor:
@@ -690,6 +687,10 @@ def recover(mobilebert, teacher, train_data: Encoded, config: RecoveryConfig | N
         _check_data(eval_data, "eval", n_labels)
     if cfg.keep not in ("best", "last"):
         raise ConfigError(f"keep must be 'best' or 'last', not {cfg.keep!r}")
+    if not (0 <= cfg.mix_rows <= 1 and 0 <= cfg.mix_tokens <= 1):
+        raise ConfigError(f"mix_rows and mix_tokens are shares in [0, 1], not {cfg.mix_rows} and {cfg.mix_tokens}")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay <= 1:
+        raise ConfigError(f"ema_decay must be in (0, 1], not {cfg.ema_decay}")
     if cfg.stop_after_steps is not None and out_dir is None:
         raise ConfigError("stop_after_steps needs an out_dir to checkpoint into")
     if cfg.threads:

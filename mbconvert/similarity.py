@@ -35,12 +35,15 @@ def _forward(model, batch, hidden: bool, attentions: bool):
 
 
 @torch.no_grad()
-def predict_logits(model, encoded: Encoded, batch_size: int = 64) -> torch.Tensor:
+def predict_logits(model, encoded: Encoded, batch_size: int = 64, device=None) -> torch.Tensor:
+    """Logits for every row in file order, computed shortest rows first (least padding). Leaves the model in
+    eval mode; `device`: where the batches go (default: where they are)."""
     model.eval()
     order = encoded.length_order()
-    logits = torch.cat([_forward(model, b, False, False).logits.float()
+    logits = torch.cat([_forward(model, {k: v.to(device) for k, v in b.items()} if device is not None else b,
+                                 False, False).logits.float()
                         for b in encoded.batches(batch_size, order=order)])
-    return logits[torch.argsort(order)]
+    return logits[torch.argsort(order).to(logits.device)]
 
 
 @torch.no_grad()

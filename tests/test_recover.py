@@ -17,7 +17,7 @@ from mbconvert import cli
 from mbconvert.adapter import MobileBERTAdapter
 from mbconvert.config import ConvertConfig, RecoveryConfig
 from mbconvert.data import Encoded, load_encoded
-from mbconvert.errors import DataError
+from mbconvert.errors import ConfigError, DataError
 from mbconvert.load import load_student
 from mbconvert.losses import LOSSES, attention_kl_mapped, attention_kl_mean_heads, kd_logits, relation_kl
 from mbconvert.recover import STATE_FILE, bucketed_batches, mix_tokens, plan_stages, recover
@@ -202,6 +202,13 @@ def test_empty_training_data_is_a_data_error(lossy, teacher, data):
                                       data["train"].token_type_ids, data["train"].labels)))
     with pytest.raises(DataError, match="no rows"):
         recover(copy.deepcopy(lossy), teacher.model, empty, RecoveryConfig(steps=1, progress=False))
+
+
+@pytest.mark.parametrize("option", [{"keep": "first"}, {"mix_rows": 1.5}, {"mix_tokens": -0.1},
+                                    {"ema_decay": 0.0}, {"ema_decay": 1.2}])
+def test_out_of_range_options_are_config_errors(lossy, teacher, data, option):
+    with pytest.raises(ConfigError):
+        recover(copy.deepcopy(lossy), teacher.model, data["train"], RecoveryConfig(steps=1, progress=False, **option))
 
 
 # -------------------------------------------------------------------- the command
