@@ -15,23 +15,22 @@ Re-running the same command reuses the output (pass --force to retrain).
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
+import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
+from transformers import BertConfig, BertForSequenceClassification
 
 from mbconvert.data import read_rows, choose_max_length, encode, label_names_for, read_examples
 from mbconvert.errors import MbconvertError
 from mbconvert.fileio import atomic_dir, write_json
 from mbconvert.load import load_classifier, load_tokenizer
+from mbconvert.similarity import predict_logits
+from mbconvert.train import scores, train_classifier
 
 HERE = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENIZER = HERE.parent / "shared" / "data" / "bert-base-chinese-tokenizer"
@@ -118,24 +117,6 @@ def build_model(a, names):
     return model, tok
 
 
-@torch.no_grad()
-def predict(model, enc, batch_size=128) -> torch.Tensor:
-    model.eval()
-    out = [model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in enc.batches(batch_size)]
-    return torch.cat(out).float()
-
-
-def scores(logits, labels, n) -> dict:
-    pred = logits.argmax(-1)
-    f1 = []
-    for c in range(n):
-        tp = ((pred == c) & (labels == c)).sum().item()
-        denom = (pred == c).sum().item() + (labels == c).sum().item()
-        if (labels == c).any():
-            f1.append(2 * tp / denom)
-    return {"accuracy": round((pred == labels).float().mean().item(), 4), "macro_f1": round(sum(f1) / max(len(f1), 1), 4)}
-
-
 def teacher_logits(a, names, examples, cache: Path) -> torch.Tensor:
     """The teacher's logits on the training rows, columns in our label order; computed once and cached."""
     fp = fingerprint(a)
@@ -149,7 +130,7 @@ def teacher_logits(a, names, examples, cache: Path) -> torch.Tensor:
         raise SystemExit(f"the teacher has {len(tnames)} classes, the data {len(names)}")
     cols = [tnames.index(n) for n in names] if set(tnames) == set(names) else list(range(len(names)))
     print(f"teacher logits for {len(examples)} rows (cached in {file})", flush=True)
-    logits = predict(teacher, encode(examples, ttok, cache_dir=cache))[:, cols]
+    logits = predict_logits(teacher, encode(examples, ttok, cache_dir=cache))[:, cols]
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(logits, file)
     return logits
@@ -165,6 +146,8 @@ def main(argv=None) -> int:
         if old.get("fingerprint") == fp:
             print(f"{out}: up to date (dev {old['dev']}, test {old['test']}); --force retrains")
             return 0
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("mbconvert").setLevel(logging.INFO)  # the per-epoch dev lines
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
@@ -180,48 +163,15 @@ def main(argv=None) -> int:
     soft = teacher_logits(a, names, rows["train"], cache) if a.teacher else None
     train = enc["train"]
 
-    steps_per_epoch = -(-len(train) // a.batch_size)
-    total = max(1, int(a.epochs * steps_per_epoch))
-    no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
-    groups = [{"params": [p for n, p in model.named_parameters() if not no_decay(n)], "weight_decay": a.weight_decay},
-              {"params": [p for n, p in model.named_parameters() if no_decay(n)], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=a.lr)
-    sched = get_linear_schedule_with_warmup(opt, int(a.warmup * total), total)
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.1f}M parameters, {len(names)} classes, {len(train)} train rows, length {max_len}, "
-          f"{total} steps ({a.epochs} epochs × {steps_per_epoch}), lr {a.lr}, {threads} threads", flush=True)
-
-    start, step, best, best_state, history = time.time(), 0, None, None, []
-    g = torch.Generator().manual_seed(a.seed)
-    interval = 1 if sys.stderr.isatty() else 30
-    for epoch in range(int(-(-a.epochs // 1))):
-        model.train()
-        order = torch.randperm(len(train), generator=g)[: (total - step) * a.batch_size]
-        bar = tqdm(order.split(a.batch_size), desc=f"epoch {epoch + 1}", mininterval=interval, file=sys.stderr)
-        for idx in bar:
-            b = train.batch(idx)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
-                logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
-            loss = F.cross_entropy(logits, b["labels"])
-            if soft is not None:
-                T = a.temperature
-                kd = F.kl_div(F.log_softmax(logits / T, -1), F.softmax(soft[idx] / T, -1), reduction="batchmean")
-                loss = a.alpha * T * T * kd + (1 - a.alpha) * loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step(), sched.step()
-            step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        dev = scores(predict(model, enc["dev"]), enc["dev"].labels, len(names)) if "dev" in enc else None
-        history.append({"epoch": epoch + 1, "step": step, "dev": dev, "elapsed_s": round(time.time() - start, 1)})
-        print(f"epoch {epoch + 1}: step {step}, dev {dev}, {time.time() - start:.0f}s", flush=True)
-        if dev is None or best is None or dev["accuracy"] > best["accuracy"]:
-            best, best_state = dev, copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    model.eval()
-    test = scores(predict(model, enc["test"]), enc["test"].labels, len(names)) if "test" in enc else None
-    wall = time.time() - start
+          f"{a.epochs} epochs of {-(-len(train) // a.batch_size)} steps, lr {a.lr}, {threads} threads", flush=True)
+    result = train_classifier(model, train, enc.get("dev"), epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+                              warmup=a.warmup, weight_decay=a.weight_decay, seed=a.seed, teacher_logits=soft,
+                              alpha=a.alpha, temperature=a.temperature, bf16=a.bf16, desc="student")
+    best, step, history = result["dev"], result["steps"], result["history"]
+    test = scores(model, enc["test"], len(names)) if "test" in enc else None
+    wall = result["seconds"]
     summary = {"dev": best, "test": test, "steps": step, "wall_time_s": round(wall, 1), "history": history,
                "max_length": max_len, "parameters": params, "threads": threads, "labels": names,
                "command": " ".join([Path(sys.executable).name, *sys.argv]), "fingerprint": fp}
