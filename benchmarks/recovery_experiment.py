@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 from mbconvert.load import load_student
 from mbconvert.data import load_encoded
-from mbconvert.adapter import MobileBERTAdapter, evaluate_mapping
+from mbconvert.mapping import MobileBERTAdapter, evaluate_mapping
 from mbconvert.config import ConvertConfig, RecoveryConfig, ExportConfig
-from mbconvert.recover import recover
+from mbconvert.recovery import recover
 from mbconvert.similarity import predict_logits
 from transformers import MobileBertForSequenceClassification
 p = argparse.ArgumentParser()
@@ -58,7 +58,7 @@ stats("before")
 if not a.no_recover:
     rc = RecoveryConfig(budget_s=a.budget if not a.steps else None, steps=a.steps, layerwise_share=a.share, lr=a.lr, tolerance=None, eval_every=100, progress=False, **json.loads(a.extra))
     if a.test_curve:  # also measure test accuracy at every evaluation, off the recovery's clock
-        import mbconvert.recover as R
+        import mbconvert.recovery as R
         original, test_curve = R.Recovery._record_evaluation, []
         def record(self):
             original(self); t0 = time.monotonic()

@@ -127,7 +127,7 @@ def recovery_config(budget_s, seed, overrides=None):
 
 
 def recover_model(mobile, teacher, train, dev, budget_s, seed, cache, overrides=None) -> dict:
-    from mbconvert.recover import recover
+    from mbconvert.recovery import recover
 
     return recover(mobile, teacher, train, config=recovery_config(budget_s, seed, overrides), eval_data=dev,
                    cache_dir=cache)
@@ -143,11 +143,11 @@ def time_to_band(summary: dict, band: float) -> float | None:
 def run(suite: str, mode: str, seed: int, budget_s: float | None = None, repeat: bool = False) -> dict:
     from transformers import MobileBertForSequenceClassification
 
-    from mbconvert.adapter import MobileBERTAdapter, evaluate_mapping
+    from mbconvert.mapping import MobileBERTAdapter, evaluate_mapping
     from mbconvert.config import ConvertConfig
     from mbconvert.data import load_encoded
     from mbconvert.load import load_student
-    from mbconvert.recover import teacher_logits
+    from mbconvert.recovery import teacher_logits
 
     spec, budgets = SUITES[suite], dict(MODES[mode])
     if budget_s:

@@ -1,23 +1,28 @@
 """mbconvert: turn a trained BERT-style classifier into a Hugging Face MobileBERT without losing accuracy.
 
-Stages, one module each:  load (mbconvert.load) → map (mbconvert.adapter) → recover (mbconvert.recover)
-→ check (mbconvert.check) → export (mbconvert.export) → gate (mbconvert.gate).
+Stages, one module each, taking and returning objects:  load (mbconvert.load) → map (mbconvert.mapping)
+→ recover (mbconvert.recovery) → check (mbconvert.check) → export (mbconvert.export) → gate (mbconvert.gate).
+The path-level pipeline (files in, folders out: what the CLI runs) is mbconvert.pipeline.
 """
 
-from .config import CheckConfig, ConvertConfig, ExportConfig, GateConfig, RecoveryConfig
+from .config import CheckConfig, ConvertConfig, ExportConfig, GateConfig, RecoveryConfig, RunOptions
 from .errors import MbconvertError
 
 __version__ = "0.1.0"
 
+# name → module; no public name is also a submodule's name (importing the submodule would shadow it)
 _LAZY = {
-    "load_student": ("load", "load_student"),
-    "load_classifier": ("load", "load_classifier"),
-    "MobileBERTAdapter": ("adapter", "MobileBERTAdapter"),
-    "convert": ("adapter", "convert"),
-    "recover": ("recover", "recover"),
-    "CompatibilityTestSuite": ("check", "CompatibilityTestSuite"),
-    "export_model": ("export", "export_model"),
-    "gate": ("gate", "gate"),
+    "load_student": "load",
+    "load_classifier": "load",
+    "MobileBERTAdapter": "mapping",
+    "recover": "recovery",
+    "CompatibilityTestSuite": "check",
+    "export_model": "export",
+    "gate": "gate",
+    "convert_checkpoint": "pipeline",
+    "recover_checkpoint": "pipeline",
+    "check_checkpoint": "pipeline",
+    "export_checkpoint": "pipeline",
 }
 
 
@@ -25,10 +30,9 @@ def __getattr__(name):  # keep `import mbconvert` fast: torch/transformers load 
     if name in _LAZY:
         import importlib
 
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{module}", __name__), attr)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)
 
 
-__all__ = ["ConvertConfig", "RecoveryConfig", "CheckConfig", "ExportConfig", "GateConfig", "MbconvertError",
-           *_LAZY]
+__all__ = ["ConvertConfig", "RecoveryConfig", "RunOptions", "CheckConfig", "ExportConfig", "GateConfig",
+           "MbconvertError", "__version__", *_LAZY]

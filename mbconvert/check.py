@@ -1,11 +1,13 @@
 """Stage 4 — check: prove a converted model is as good as its original, on the same data, in the same run.
 
 CompatibilityTestSuite measures both classifiers (any two with the same label set): accuracy, macro-F1,
-per-class precision/recall/F1, agreement and the most frequent disagreements; latency (median and p90
-after warm-up, at fixed batch sizes and the data's sequence length, with torch threads pinned); size
-(parameters, safetensors bytes, peak resident memory of a forward pass); per-layer hidden-state and
-head-averaged attention similarity (mbconvert.similarity.compare). The result is one JSON-able dict —
-report.json — that every rendering (mbconvert.report) and the regression gate (mbconvert.gate) read.
+per-class precision/recall/F1, agreement and the most frequent disagreements; the accuracy difference in points
+with its uncertainty from the paired predictions (exact McNemar test, paired-bootstrap 95% interval); latency
+(torch.utils.benchmark: median and IQR over many measurements after warm-up, at fixed batch sizes and the data's
+sequence length, torch threads pinned, the machine recorded); size (parameters, safetensors bytes, peak resident
+memory of a forward pass); per-layer hidden-state and head-averaged attention similarity (eager attention is forced
+for the run, since sdpa returns no attention maps). The result is one JSON-able dict — report.json — that every
+rendering (mbconvert.report) and the regression gate (mbconvert.gate) read.
 """
 
 from __future__ import annotations
@@ -15,24 +17,32 @@ import ctypes
 import ctypes.util
 import datetime
 import hashlib
+import math
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import CheckConfig
-from .data import Encoded, load_encoded
-from .errors import DataError, ShapeMismatchError, TokenizerError
+from .data import Encoded
+from .errors import DataError, ShapeMismatchError
 from .report import SCHEMA_VERSION, render_summary, write_report
 from .similarity import compare, predict_logits
 
 MEMORY_METHOD = ("peak extra resident memory of one forward pass at the largest latency batch, after warm-up: "
                  "glibc malloc_trim(0) returns freed heap pages, /proc/self/clear_refs resets VmHWM, "
                  "then VmHWM − VmRSS (Linux only; null elsewhere)")
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+CI_METHOD = (f"paired bootstrap over texts ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}), "
+             "2.5th–97.5th percentile of the resampled difference")
+NOISY_IQR_RATIO = 0.2  # a latency whose interquartile range exceeds this share of its median is flagged noisy
+LATENCY_METHOD = ("torch.utils.benchmark.Timer.blocked_autorange after `warmup` untimed passes, repeated until "
+                  "`measurements` ≥ latency_repeats; each measurement is the mean of a block of passes; median and "
+                  f"IQR over the measurements; noisy when IQR > {NOISY_IQR_RATIO:g} × median")
 
 
 class CheckResult:
@@ -50,6 +60,10 @@ class CheckResult:
 
     def summary(self) -> str:
         return render_summary(self._report)
+
+    def write_report(self, out_dir: str | os.PathLike) -> Path:
+        """report.json, report.md, report.html and the plots in `out_dir` (replaced as a whole); returns it."""
+        return write_report(self._report, out_dir)
 
 
 class CompatibilityTestSuite:
@@ -69,45 +83,57 @@ class CompatibilityTestSuite:
         self.paths = {"original": original_path, "converted": converted_path, "data": data_path}
 
     def run(self) -> CheckResult:
-        """Pin torch threads for the whole run (latency depends on them) and restore them afterwards."""
+        """Pin torch threads (latency depends on them) and eager attention (only eager returns attention maps) for
+        the whole run, so both models are measured alike; restore both afterwards."""
         threads = self.config.threads or min(2, os.cpu_count() or 1)
         previous = torch.get_num_threads()
+        attention = {side: set_attention(m, "eager") for side, m in self.models.items()}
         torch.set_num_threads(threads)
         try:
             return CheckResult(self._measure(threads))
         finally:
             torch.set_num_threads(previous)
+            for side, implementation in attention.items():
+                set_attention(self.models[side], implementation)
 
     def _measure(self, threads: int) -> dict:
-        cfg, gold = self.config, self.data.labels.tolist()
-        preds = {side: predict_logits(m, self.data, cfg.batch_size).argmax(-1).tolist()
+        cfg, gold = self.config, self.data.labels
+        preds = {side: predict_logits(m, self.data, cfg.batch_size).argmax(-1).cpu()
                  for side, m in self.models.items()}
         seq_len = cfg.max_length or self.data.max_length
-        models = {}
-        for side, model in self.models.items():
-            models[side] = {"class": type(model).__name__, **classification_metrics(preds[side], gold, self.labels),
-                            "latency": [measure_latency(model, self.data, b, seq_len, cfg.latency_warmup,
-                                                        cfg.latency_repeats) for b in cfg.latency_batch_sizes],
-                            "size": model_size(model, latency_inputs(self.data, max(cfg.latency_batch_sizes), seq_len))}
-        difference = models["converted"]["accuracy"] - models["original"]["accuracy"]
-        within = abs(difference) <= cfg.tolerance + 1e-9  # ±tolerance inclusive, robust to float rounding
+        models = {side: self._model_report(side, preds[side].tolist(), threads, seq_len) for side in self.models}
+        accuracy = paired_accuracy((preds["original"] == gold).numpy(), (preds["converted"] == gold).numpy(),
+                                   cfg.tolerance, cfg.two_sided)
         return {
             "schema_version": SCHEMA_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "passed": within,
+            "passed": accuracy["within_tolerance"],
             "tolerance": cfg.tolerance,
-            "accuracy": {"original": models["original"]["accuracy"], "converted": models["converted"]["accuracy"],
-                         "difference": difference, "within_tolerance": within},
-            "agreement": sum(a == b for a, b in zip(preds["original"], preds["converted"])) / len(gold),
-            "disagreements": top_disagreements(preds["original"], preds["converted"], self.labels),
+            "two_sided": cfg.two_sided,
+            "accuracy": accuracy,
+            "agreement": float((preds["original"] == preds["converted"]).float().mean()),
+            "disagreements": top_disagreements(preds["original"].tolist(), preds["converted"].tolist(), self.labels),
+            "warnings": ([accuracy["warning"]] if accuracy["warning"] else []) + noisy_latency_warnings(models),
             "models": models,
             "similarity": self._similarity(),
             "inputs": self._inputs(seq_len),
             "versions": versions(),
             "threads": threads,
+            "machine": machine(),
+            "latency_method": LATENCY_METHOD,
             "memory_method": MEMORY_METHOD,
             "config": cfg.to_dict(),
         }
+
+    def _model_report(self, side: str, pred: list[int], threads: int, seq_len: int) -> dict:
+        cfg, model = self.config, self.models[side]
+        latency = [measure_latency(model, self.data, b, seq_len, cfg.latency_warmup, cfg.latency_repeats, threads,
+                                   cfg.latency_min_run_s) for b in cfg.latency_batch_sizes]
+        return {"class": type(model).__name__,
+                "attn_implementation": getattr(model.config, "_attn_implementation", None),
+                "weights_sha256": weights_sha256(model),
+                **classification_metrics(pred, self.data.labels.tolist(), self.labels), "latency": latency,
+                "size": model_size(model, latency_inputs(self.data, max(cfg.latency_batch_sizes), seq_len))}
 
     def _similarity(self) -> dict:
         """Per-layer similarity on the first `similarity_samples` rows. Hidden states are compared only when
@@ -125,6 +151,8 @@ class CompatibilityTestSuite:
         la, lb = a.config.num_hidden_layers, b.config.num_hidden_layers
         if la != lb:
             notes.append(f"layer counts differ ({la} vs {lb}): layer i is compared with layer i up to {min(la, lb)}")
+        if not c.attention_js:
+            notes.append("a model returned no attention maps (no eager attention): attention not compared")
         return {"samples": n, "layer_cosine": c.layer_cosine, "layer_rel_mse": c.layer_rel_mse,
                 "attention_kl": c.attention_kl, "attention_js": c.attention_js, "note": "; ".join(notes) or None}
 
@@ -137,6 +165,14 @@ class CompatibilityTestSuite:
                 "tokens_sha256": tokens_sha256(self.data), "rows": len(self.data), "seq_len": seq_len,
                 "labels": self.labels,
                 "tokenizer": None if tok is None else f"{type(tok).__name__} ({len(tok)} entries)"}
+
+
+def set_attention(model, implementation: str | None) -> str | None:
+    """Switch a transformers model's attention implementation (when it can switch); returns the previous one."""
+    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if implementation is not None and implementation != previous and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    return previous
 
 
 # ----------------------------------------------------------------------------------------------- accuracy
@@ -175,6 +211,66 @@ def classification_metrics(pred: list[int], gold: list[int], labels: list[str]) 
             "per_class": per_class}
 
 
+def paired_accuracy(original_correct, converted_correct, tolerance: float, two_sided: bool) -> dict:
+    """The accuracy block of the report: Δ = converted − original in points, its uncertainty and the verdict.
+
+    One-sided by default: only a drop of more than `tolerance` points fails (a better conversion passes);
+    `two_sided` fails on |Δ| > tolerance. The warning (test set too small to resolve the tolerance) never changes
+    the verdict. Inputs: per-text booleans, each model right or wrong on the same texts.
+    """
+    a, b = np.asarray(original_correct, bool), np.asarray(converted_correct, bool)
+    n = len(a)
+    difference = 100 * (int(b.sum()) - int(a.sum())) / n
+    original_only, converted_only = int((a & ~b).sum()), int((b & ~a).sum())
+    lo, hi = paired_bootstrap_ci(a, b)
+    within = (abs(difference) if two_sided else -difference) <= tolerance + 1e-9  # inclusive, robust to rounding
+    return {"original": float(a.mean()), "converted": float(b.mean()), "difference_points": difference,
+            "ci95_points": [lo, hi], "ci_method": CI_METHOD, "mcnemar_p": mcnemar_exact_p(original_only, converted_only),
+            "discordant": {"original_only_correct": original_only, "converted_only_correct": converted_only},
+            "points_per_text": 100 / n, "within_tolerance": within, "warning": resolution_warning(n, tolerance, lo, hi)}
+
+
+def mcnemar_exact_p(original_only: int, converted_only: int) -> float:
+    """Exact two-sided McNemar test. If both models were equally accurate, each text only one of them gets right
+    would favour either with probability 1/2: p = 2 · P(Binomial(b + c, 1/2) ≤ min(b, c)), capped at 1.
+    Summed in log space, so it stays exact enough for any test-set size."""
+    n, k = original_only + converted_only, min(original_only, converted_only)
+    if n == 0:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+    top = max(logs)
+    return min(1.0, 2 * math.exp(top) * math.fsum(math.exp(x - top) for x in logs))
+
+
+def paired_bootstrap_ci(original_correct, converted_correct, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% interval of Δ accuracy (points) from resampling the texts with replacement, both models' outcomes kept
+    together. Δ of a resample depends only on how many original-only and converted-only texts it drew, so each
+    resample is one multinomial draw of those counts: the same distribution as resampling rows, in O(resamples)."""
+    a, b = np.asarray(original_correct, bool), np.asarray(converted_correct, bool)
+    n = len(a)
+    p_orig, p_conv = (a & ~b).sum() / n, (b & ~a).sum() / n
+    draws = np.random.default_rng(seed).multinomial(n, [p_orig, p_conv, max(0.0, 1 - p_orig - p_conv)], resamples)
+    lo, hi = np.percentile(100 * (draws[:, 1] - draws[:, 0]) / n, [2.5, 97.5])
+    return float(lo) + 0.0, float(hi) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def resolution_warning(n: int, tolerance: float, lo: float, hi: float) -> str | None:
+    """Why `n` texts cannot resolve a `tolerance`-point difference, or None when they can."""
+    per_text, half_width = 100 / n, (hi - lo) / 2
+    reasons = []
+    if per_text > tolerance / 2:
+        need = f" (this tolerance needs {math.ceil(200 / tolerance)}+ texts)" if tolerance > 0 else ""
+        reasons.append(f"{per_text:.2f} points per text, more than half the tolerance{need}")
+    if half_width > tolerance:
+        reasons.append(f"the 95% confidence interval of the difference is ±{half_width:.2f} points, wider than "
+                       "the tolerance")
+    if not reasons:
+        return None
+    return (f"test set too small for a {tolerance:g}-point tolerance ({n} texts): " + "; ".join(reasons)
+            + "; the verdict is uncertain")
+
+
 def top_disagreements(pred_a: list[int], pred_b: list[int], labels: list[str], k: int = 10) -> list[dict]:
     """The (original prediction → converted prediction) pairs that differ, most frequent first."""
     counts: dict[tuple[int, int], int] = {}
@@ -195,20 +291,40 @@ def latency_inputs(data: Encoded, batch_size: int, seq_len: int) -> dict[str, to
 
 
 @torch.no_grad()
-def measure_latency(model, data: Encoded, batch_size: int, seq_len: int, warmup: int, repeats: int) -> dict:
-    """Median and p90 wall time of a forward pass; warm-up runs absorb one-time allocation and dispatch."""
+def measure_latency(model, data: Encoded, batch_size: int, seq_len: int, warmup: int, repeats: int,
+                    threads: int | None = None, min_run_s: float = 0.2) -> dict:
+    """Forward-pass latency (see LATENCY_METHOD): `warmup` untimed passes absorb one-time allocation and dispatch,
+    then blocked_autorange runs until at least `repeats` measurements and `min_run_s` seconds are collected.
+    `threads`: torch threads while timing (default: the current setting)."""
+    from torch.utils.benchmark import Measurement, Timer
+
     inputs = latency_inputs(data, batch_size, seq_len)
-    for _ in range(warmup):
-        model(**inputs)
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        model(**inputs)
-        times.append(time.perf_counter() - start)
-    median = float(np.median(times))
-    return {"batch_size": batch_size, "seq_len": seq_len, "median_ms": 1000 * median,
-            "p90_ms": 1000 * float(np.percentile(times, 90)), "throughput_per_s": batch_size / median,
-            "warmup": warmup, "repeats": len(times)}
+    timer = Timer("model(**inputs)", globals={"model": model, "inputs": inputs},
+                  num_threads=threads or torch.get_num_threads(),
+                  label=type(model).__name__, description=f"batch {batch_size} × {seq_len} tokens")
+    timer.timeit(warmup)
+    parts, count, run_s = [], 0, min_run_s
+    while count < repeats:
+        part = timer.blocked_autorange(min_run_time=run_s)
+        parts.append(part)
+        count += len(part.raw_times)
+        run_s = (repeats - count) * part.number_per_run * part.median  # about the time the missing ones take
+    return latency_entry(Measurement.merge(parts)[0], batch_size, seq_len, warmup)
+
+
+def latency_entry(measurement, batch_size: int, seq_len: int, warmup: int) -> dict:
+    """The report's latency entry from a torch.utils.benchmark Measurement (times in seconds per pass)."""
+    times = np.asarray(measurement.times, dtype=np.float64)
+    q1, median, q3, p90 = np.percentile(times, [25, 50, 75, 90])
+    return {"batch_size": batch_size, "seq_len": seq_len, "median_ms": 1000 * median, "iqr_ms": 1000 * (q3 - q1),
+            "p90_ms": 1000 * p90, "throughput_per_s": batch_size / median, "measurements": len(times),
+            "noisy": bool(q3 - q1 > NOISY_IQR_RATIO * median), "warmup": warmup}
+
+
+def noisy_latency_warnings(models: dict) -> list[str]:
+    return [f"{side} latency at batch {x['batch_size']} is noisy (IQR {x['iqr_ms'] / x['median_ms']:.0%} of the "
+            "median): other load on the machine? compare latencies with care"
+            for side, m in models.items() for x in m["latency"] if x["noisy"]]
 
 
 def model_size(model, inputs: dict[str, torch.Tensor]) -> dict:
@@ -270,6 +386,32 @@ def tokens_sha256(data: Encoded) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(model) -> str:
+    """Identifies a model's weights (names, dtypes, shapes, values), so the gate can tell reports of other models."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def machine() -> dict:
+    """What the latency was measured on; the gate refuses to compare latencies across machines."""
+    return {"system": platform.system(), "architecture": platform.machine(), "processor": cpu_model(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith(("model name", "Hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict:
     import transformers
 
@@ -278,28 +420,3 @@ def versions() -> dict:
     return {"mbconvert": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "cpu_count": os.cpu_count()}
-
-
-# ----------------------------------------------------------------------------------------------- entry point
-
-def run_check(model_path, against_path, data_path, config: CheckConfig | None = None, report_dir=None,
-              tokenizer=None) -> CheckResult:
-    """Load both models and the data, run the suite, write the report folder, print the summary."""
-    from .load import load_classifier
-
-    config = config or CheckConfig()
-    converted, tok = load_classifier(model_path, tokenizer=tokenizer)
-    original, original_tok = load_classifier(against_path, tokenizer=tokenizer)
-    tok = tok or original_tok
-    if tok is None:
-        raise TokenizerError(f"no tokenizer found in {model_path} or beside {against_path}; pass --tokenizer DIR")
-    data = load_encoded(data_path, tok, converted.config, max_length=config.max_length, require_labels=True)
-    result = CompatibilityTestSuite(original, converted, data, config, tokenizer=tok, original_path=against_path,
-                                    converted_path=model_path, data_path=data_path).run()
-    if report_dir is None:
-        model_path = Path(model_path)
-        report_dir = (model_path if model_path.is_dir() else model_path.parent) / "report"
-    out = write_report(result.to_dict(), report_dir)
-    print(result.summary())
-    print(f"report: {out / 'report.html'}")
-    return result

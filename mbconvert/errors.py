@@ -44,3 +44,13 @@ class ConfigError(MbconvertError):
 
 class MissingDependencyError(MbconvertError):
     """An optional extra is not installed (e.g. `pip install mbconvert[export]`)."""
+
+
+class TrainingDivergedError(MbconvertError):
+    """Training produced a non-finite loss or weights (e.g. a learning rate far too high); nothing is saved."""
+
+
+class OutputError(MbconvertError, OSError):
+    """The output cannot be written: it is (or holds) an input, holds files mbconvert did not write, or the OS
+    refused (read-only, full disk, a file where a folder should be). Also an OSError, so `except OSError` still
+    catches it where a failed write is tolerable (e.g. a cache entry)."""

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ExportConfig
+from .config import EXPORT_FORMATS, ExportConfig
+from .data import Encoded
 from .errors import ConfigError, MissingDependencyError
-from .fileio import atomic_dir, write_json
 
 log = logging.getLogger("mbconvert")
 SCHEMA_VERSION = 1
-FORMATS = ("onnx", "onnx-int8", "coreml")
+FORMATS = EXPORT_FORMATS
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 FP16_MAX = 65504.0
 FP16_MASK_VALUE = -3.0e4  # large enough to zero a softmax term, small enough not to overflow FP16
@@ -100,20 +100,17 @@ def require(*modules: str) -> None:
                                          "pip install 'mbconvert[export]'") from None
 
 
-def sample_inputs(model, tokenizer, data, config: ExportConfig) -> Inputs:
-    """Rows of `data` tokenised with the model's tokenizer, or a deterministic synthetic padded batch."""
+def sample_inputs(model, data: Encoded | None, config: ExportConfig, source: str | None = None) -> Inputs:
+    """Rows of tokenised `data` (at most config.max_samples), or a deterministic synthetic padded batch."""
     if data is not None:
-        from .data import load_encoded
-        from .load import check_tokenizer
-
-        if tokenizer is not None:  # ids beyond the embeddings would fail deep inside the model
-            check_tokenizer(tokenizer, model.config.vocab_size)
-        enc = load_encoded(data, tokenizer, model.config, max_length=config.seq_len, limit=config.max_samples)
-        width = config.seq_len or int(enc.attention_mask.sum(1).max())  # fixed, or the longest row's length
-        ids, mask, types = (t[:, :width].numpy().astype(np.int64)
+        enc = data
+        rows = slice(0, config.max_samples)
+        mask = enc.attention_mask[rows]
+        width = config.seq_len or int(mask.sum(1).max())  # fixed, or the longest row's length
+        ids, mask, types = (t[rows, :width].numpy().astype(np.int64)
                             for t in (enc.input_ids, enc.attention_mask, enc.token_type_ids))
-        labels = enc.labels.numpy() if enc.labels is not None else None
-        return Inputs(ids, mask, types, labels, str(data))
+        labels = enc.labels[rows].numpy() if enc.labels is not None else None
+        return Inputs(ids, mask, types, labels, source or "data")
     n, width = SYNTHETIC_BATCH, config.seq_len or SYNTHETIC_LEN
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, model.config.vocab_size, (n, width), generator=g)
@@ -342,24 +339,6 @@ def coreml_logits(path: Path, inputs: Inputs) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- main
 
-def _resolve(model_path_or_model, tokenizer, out_dir):
-    """(model, tokenizer, source description, output folder) for a path or an already-loaded model."""
-    from .load import load_classifier, load_tokenizer
-
-    tok_path = tokenizer if isinstance(tokenizer, (str, Path)) else None
-    tok_obj = None if tok_path is not None else tokenizer
-    if isinstance(model_path_or_model, nn.Module):
-        if out_dir is None:
-            raise ConfigError("out_dir is required when exporting a model object")
-        model = model_path_or_model
-        return model.eval(), tok_obj or load_tokenizer(tok_path), type(model).__name__, Path(out_dir)
-    path = Path(model_path_or_model)
-    model, tok = load_classifier(path, tokenizer=tok_path)
-    if out_dir is None:
-        out_dir = path / "export" if path.is_dir() else path.parent / f"{path.stem}-export"
-    return model.eval(), tok_obj or tok, str(path), Path(out_dir)
-
-
 def _versions() -> dict:
     names = ("torch", "transformers", "onnx", "onnxruntime", "coremltools")
     found = {n: getattr(sys.modules.get(n), "__version__", None) for n in names}
@@ -388,7 +367,7 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
         logits = onnx_logits(int8, inputs, config.threads)
         acc32, acc8 = out["onnx"]["accuracy"], accuracy(logits, inputs.labels)
         vs_fp32 = compare(fp32_logits, logits, config.parity_atol)
-        drop = round(acc32 - acc8 if acc8 is not None else 1.0 - vs_fp32["argmax_agreement"], 6)
+        drop = round(100 * (acc32 - acc8 if acc8 is not None else 1.0 - vs_fp32["argmax_agreement"]), 4)  # points
         out["onnx-int8"] = {"file": int8.name, "mode": "static" if config.int8_static else "dynamic",
                             "size_mb": size_mb(int8), "size_ratio": round(size_mb(int8) / size_mb(fp32), 3),
                             "vs_fp32": vs_fp32, "accuracy": acc8, "accuracy_fp32": acc32,
@@ -396,8 +375,8 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
                             "latency": latencies(int8, inputs.seq_len, config)}
         if drop > config.tolerance:
             basis = out["onnx-int8"]["accuracy_basis"]
-            out["onnx-int8"]["warning"] = (f"INT8 loses {drop:.2%} accuracy vs FP32 ({basis}), "
-                                           f"more than the tolerance {config.tolerance:.2%}")
+            out["onnx-int8"]["warning"] = (f"INT8 loses {drop:.2f} points of accuracy vs FP32 ({basis}), "
+                                           f"more than the tolerance {config.tolerance:g} points")
     return out
 
 
@@ -416,8 +395,9 @@ def export_coreml_format(model, tmp: Path, inputs: Inputs, reference: np.ndarray
     return report
 
 
-def _summary(report: dict) -> str:
-    lines = [f"exported {report['source']} → {report['out_dir']}"]
+def render_summary(report: dict) -> str:
+    """The terminal summary of an export report."""
+    lines = [f"exported {report['source']} → {report.get('out_dir', '')}"]
     for fmt, a in report["artifacts"].items():
         parity = a.get("parity") or a.get("vs_fp32")
         text = f"  {a['file']:<18} {a['size_mb']:8.2f} MB"
@@ -432,44 +412,35 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def export_model(model_path_or_model, config: ExportConfig | None = None, data=None, out_dir=None,
-                 tokenizer=None) -> dict:
-    """Export to every format in `config.formats` under out_dir (atomically); returns export.json's content.
-
-    `model_path_or_model`: a converted folder or any student checkpoint (default out_dir: <folder>/export or
-    <file's folder>/<stem>-export), or a loaded classifier (then out_dir is required).
-    """
-    config = config or ExportConfig()
-    unknown = [f for f in config.formats if f not in FORMATS]
-    if unknown or not config.formats:
-        raise ConfigError(f"unknown export format(s) {', '.join(unknown) or '(none)'}; "
-                          f"choose from {', '.join(FORMATS)}")
-    if config.int8_static and data is None and "onnx-int8" in config.formats:
-        raise ConfigError("static INT8 needs calibration text: pass --data")
+def require_formats(formats) -> None:
+    """Fail before any work when a requested format's backend is not installed."""
     logging.getLogger("coremltools").setLevel(logging.ERROR)  # import-time "torch untested" noise; conversion works
-    for fmt in config.formats:
+    for fmt in formats:
         require(*NEEDS[fmt])
-    model, tok, source, out = _resolve(model_path_or_model, tokenizer, out_dir)
-    if config.seq_len and not 1 <= config.seq_len <= model.config.max_position_embeddings:
-        raise ConfigError(f"--seq-len {config.seq_len} is outside 1..{model.config.max_position_embeddings} "
-                          "(the model's position embeddings)")
-    inputs = sample_inputs(model, tok, data, config)
+
+
+def export_model(model, folder: Path, config: ExportConfig | None = None, data: Encoded | None = None,
+           source: str = "", data_source: str | None = None) -> dict:
+    """Write every format in `config.formats` into `folder` (an empty working folder: the pipeline makes it and
+    moves it into place) and check each against PyTorch on `data` (tokenised; synthetic rows without). Returns
+    export.json's content."""
+    config = config or ExportConfig()
+    require_formats(config.formats)
+    model.eval()
+    inputs = sample_inputs(model, data, config, data_source)
     reference = torch_logits(model, inputs)
-    report = {"schema_version": SCHEMA_VERSION, "source": source, "out_dir": str(out),
+    report = {"schema_version": SCHEMA_VERSION, "source": source,
               "model": {"type": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
                         "num_labels": model.config.num_labels},
               "config": config.to_dict(), "versions": _versions(),
               "inputs": {"source": inputs.source, "rows": len(inputs.input_ids), "seq_len": inputs.seq_len,
                          "labelled": inputs.labels is not None, "pytorch_accuracy": accuracy(reference, inputs.labels)},
               "artifacts": {}}
-    with atomic_dir(out) as tmp:
-        if {"onnx", "onnx-int8"} & set(config.formats):
-            report["artifacts"].update(export_onnx_formats(model, tmp, inputs, reference, config))
-        if "coreml" in config.formats:
-            report["artifacts"]["coreml"] = export_coreml_format(model, tmp, inputs, reference, config)
-        report["warnings"] = [f"{fmt}: {a['warning']}" for fmt, a in report["artifacts"].items() if a.get("warning")]
-        for warning in report["warnings"]:
-            log.warning("warning: %s", warning)
-        write_json(tmp / "export.json", report)
-    print(_summary(report))
+    if {"onnx", "onnx-int8"} & set(config.formats):
+        report["artifacts"].update(export_onnx_formats(model, folder, inputs, reference, config))
+    if "coreml" in config.formats:
+        report["artifacts"]["coreml"] = export_coreml_format(model, folder, inputs, reference, config)
+    report["warnings"] = [f"{fmt}: {a['warning']}" for fmt, a in report["artifacts"].items() if a.get("warning")]
+    for warning in report["warnings"]:
+        log.warning("warning: %s", warning)
     return report

@@ -70,7 +70,8 @@ def sqrt_and_inv_sqrt(m: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tenso
 
 def top_subspace(x: torch.Tensor | None, k: int, fallback: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """k orthonormal principal directions (rows) of centred activations x, or of a weight matrix's
-    input side (`fallback`'s right singular vectors) when there is no data. Returns (basis, energy kept)."""
+    input side (`fallback`'s right singular vectors) when there is no data. Returns (basis, energy kept).
+    A fallback of rank < k (fewer rows than k, zero rows) is completed with identity directions."""
     if x is not None:
         xc = x.to(F64) - x.to(F64).mean(0)
         vals, vecs = torch.linalg.eigh(xc.T @ xc)
@@ -78,7 +79,32 @@ def top_subspace(x: torch.Tensor | None, k: int, fallback: torch.Tensor | None =
         vals, vecs = vals[order].clamp_min(0), vecs[:, order]
         return vecs[:, :k].T.contiguous(), float(vals[:k].sum() / vals.sum().clamp_min(1e-30))
     _, s, vt = torch.linalg.svd(fallback.to(F64), full_matrices=False)
-    return vt[:k].contiguous(), float((s[:k] ** 2).sum() / (s ** 2).sum().clamp_min(1e-30))
+    basis = complete_basis(vt[:k][significant(s[:k], s)].T, k, torch.eye(vt.shape[1], dtype=F64))
+    return basis.T.contiguous(), float((s[:k] ** 2).sum() / (s ** 2).sum().clamp_min(1e-30))
+
+
+def significant(values: torch.Tensor, spectrum: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
+    """Mask of singular values that are not numerically zero relative to the spectrum's largest."""
+    top = float(spectrum.max()) if spectrum.numel() else 0.0
+    return values > rtol * top if top > 0 else torch.zeros_like(values, dtype=torch.bool)
+
+
+def complete_basis(basis: torch.Tensor, k: int, candidates: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """Extend orthonormal columns `basis` (n × r) to k columns with the first `candidates` columns (in their
+    order) that leave its span (Gram–Schmidt, twice for stability). Rank-deficient inputs (e.g. heads too
+    small to fill a bottleneck) thus still give k well-defined, deterministic directions."""
+    out = basis.to(F64)[:, :k]
+    for c in candidates.to(F64).T:
+        if out.shape[1] >= k:
+            break
+        v = c - out @ (out.T @ c)
+        v = v - out @ (out.T @ v)
+        norm = v.norm()
+        if norm > tol:
+            out = torch.cat([out, (v / norm)[:, None]], 1)
+    if out.shape[1] < k:
+        raise ValueError(f"cannot complete a basis of {k} directions in {basis.shape[0]} dimensions")
+    return out
 
 
 def low_rank(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -16,13 +16,15 @@ where tokens matter; padding never contributes. Names, as used by `RecoveryConfi
   was built from (``head_map``, from conversion.json's ``heads_kept``).
 - ``kd_logits``: Hinton logit distillation, T²·KL(softmax(t/T) ‖ softmax(s/T)).
 
-`ATTENTION_INPUTS` says what each attention loss reads from a layer: ``"qkv"`` (the query/key/value
-projections) or ``"probs"`` (attention probabilities, which need eager attention).
+`ATTENTION_LOSSES` holds the attention losses as `AttentionLoss` entries that say what each reads from a layer and
+which arguments it takes, so the training loop never branches on a loss's name.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,11 +110,32 @@ LOSSES = {
     "kd_logits": kd_logits,
 }
 
-ATTENTION_INPUTS = {"relation_kl": "qkv", "attention_kl_mean_heads": "probs", "attention_kl_mapped": "probs"}
+@dataclass(frozen=True)
+class AttentionLoss:
+    """A registry entry: the loss, what it reads from a layer ("qkv": the query/key/value projections; "probs":
+    attention probabilities, which need eager attention), and which run-time arguments it takes."""
+
+    fn: Callable
+    inputs: str
+    uses_relation_heads: bool = False
+    uses_head_map: bool = False
+
+    def __call__(self, student, teacher, mask, *, relation_heads: int, head_map: list[int] | None):
+        extra = {"heads": relation_heads} if self.uses_relation_heads else {}
+        if self.uses_head_map:
+            extra["head_map"] = head_map
+        return self.fn(student, teacher, mask, **extra)
 
 
-def attention_loss(name: str):
+ATTENTION_LOSSES = {
+    "relation_kl": AttentionLoss(relation_kl, "qkv", uses_relation_heads=True),
+    "attention_kl_mean_heads": AttentionLoss(attention_kl_mean_heads, "probs"),
+    "attention_kl_mapped": AttentionLoss(attention_kl_mapped, "probs", uses_head_map=True),
+}
+
+
+def attention_loss(name: str) -> AttentionLoss:
     """The attention-transfer loss called `name`, with a one-line error for unknown names."""
-    if name not in ATTENTION_INPUTS:
-        raise ConfigError(f"unknown attention loss {name!r} (choose one of {', '.join(ATTENTION_INPUTS)})")
-    return LOSSES[name]
+    if name not in ATTENTION_LOSSES:
+        raise ConfigError(f"unknown attention loss {name!r} (choose one of {', '.join(ATTENTION_LOSSES)})")
+    return ATTENTION_LOSSES[name]

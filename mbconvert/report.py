@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .fileio import atomic_dir, write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: accuracy in points with CI and McNemar, latency median/IQR, machine
 SIDES = ("original", "converted")
 PLOTS = ("overview.png", "per_class_f1.png", "similarity.png")
 
@@ -40,7 +40,17 @@ def _num(x, digits=4) -> str:
 
 
 def _points(x) -> str:
-    return f"{100 * x:+.2f} points"
+    """`x` already in points (percentage points of accuracy)."""
+    return f"{x:+.2f} points"
+
+
+def _ci(acc: dict) -> str:
+    lo, hi = acc["ci95_points"]
+    return f"{lo:+.2f} to {hi:+.2f} points"
+
+
+def _ms(entry: dict) -> str:
+    return f"{entry['median_ms']:.2f} ms" + (" (noisy)" if entry["noisy"] else "")
 
 
 def _mb(n) -> str:
@@ -52,11 +62,16 @@ def _millions(n) -> str:
 
 
 def verdict(report: dict) -> str:
-    acc = report["accuracy"]
+    """The PASS/FAIL line. One-sided (default): only a drop beyond the tolerance fails; two-sided: |Δ|."""
+    acc, tol = report["accuracy"], report["tolerance"]
     word = "PASS" if report["passed"] else "FAIL"
-    rel = "within" if acc["within_tolerance"] else "outside"
-    return (f"{word}: accuracy difference {_points(acc['difference'])} (converted {_num(acc['converted'])} vs original "
-            f"{_num(acc['original'])}) is {rel} ±{100 * report['tolerance']:.2f} points")
+    if report["two_sided"]:
+        rule = f"is {'within' if acc['within_tolerance'] else 'outside'} ±{tol:.2f} points"
+    else:
+        rule = (f"is within the allowed drop of {tol:.2f} points" if acc["within_tolerance"]
+                else f"is a drop of more than {tol:.2f} points")
+    return (f"{word}: accuracy difference {_points(acc['difference_points'])} (95% CI {_ci(acc)}; converted "
+            f"{_num(acc['converted'])} vs original {_num(acc['original'])}) {rule}")
 
 
 def _latency(report: dict, side: str, batch: int) -> dict | None:
@@ -75,7 +90,11 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out = [("Accuracy", ["", "original", "converted"], [
         ["accuracy", _num(acc["original"]), _num(acc["converted"])],
         ["macro-F1", _num(m["original"]["macro_f1"]), _num(m["converted"]["macro_f1"])],
-        ["difference (converted − original)", "", _points(acc["difference"])],
+        ["difference (converted − original)", "", _points(acc["difference_points"])],
+        ["95% CI of the difference (paired bootstrap)", "", _ci(acc)],
+        [f"McNemar exact p ({acc['discordant']['original_only_correct']} texts only the original gets right, "
+         f"{acc['discordant']['converted_only_correct']} only the converted)", "", f"{acc['mcnemar_p']:.3g}"],
+        ["one text is worth", "", f"{acc['points_per_text']:.2f} points"],
         ["prediction agreement", "", _num(report["agreement"])],
     ])]
     per_class = []
@@ -90,12 +109,13 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     latency = []
     for b in _batches(report):
         lo, lc = _latency(report, "original", b), _latency(report, "converted", b)
-        latency.append([str(b), str(lo["seq_len"]), _num(lo["median_ms"], 2), _num(lo["p90_ms"], 2),
-                        _num(lc["median_ms"], 2), _num(lc["p90_ms"], 2), f"{lo['throughput_per_s']:.1f}",
-                        f"{lc['throughput_per_s']:.1f}"])
-    out.append((f"Latency (ms; torch threads: {report['threads']})",
-                ["batch", "seq len", "orig median", "orig p90", "conv median", "conv p90", "orig texts/s",
-                 "conv texts/s"], latency))
+        latency.append([str(b), str(lo["seq_len"])]
+                       + [v for x in (lo, lc) for v in (_ms(x), _num(x["iqr_ms"], 2), str(x["measurements"]))]
+                       + [f"{lo['throughput_per_s']:.1f}", f"{lc['throughput_per_s']:.1f}"])
+    out.append((f"Latency (torch threads: {report['threads']}; {_machine(report)}; IQR over the measurements, "
+                "noisy when above 20% of the median)",
+                ["batch", "seq len", "orig median", "orig IQR ms", "orig n", "conv median", "conv IQR ms", "conv n",
+                 "orig texts/s", "conv texts/s"], latency))
     so, sc = m["original"]["size"], m["converted"]["size"]
     out.append(("Size and memory", ["", "original", "converted"], [
         ["parameters", _millions(so["parameters"]), _millions(sc["parameters"])],
@@ -116,12 +136,21 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     inputs = report["inputs"]
     out.append(("Inputs and versions", ["", ""],
                 [[k, str(v)] for k, v in inputs.items()] + [[k, str(v)] for k, v in report["versions"].items()]
-                + [["threads", str(report["threads"])], ["memory method", report["memory_method"]]]))
+                + [["machine " + k, str(v)] for k, v in report["machine"].items()]
+                + [["threads", str(report["threads"])], ["latency method", report["latency_method"]],
+                   ["accuracy interval", report["accuracy"]["ci_method"]],
+                   ["memory method", report["memory_method"]]]))
     return out
+
+
+def _machine(report: dict) -> str:
+    m = report["machine"]
+    return f"{m['processor']}, {m['cpu_count']} cores"
 
 
 def render_markdown(report: dict, images: list[str]) -> str:
     lines = ["# mbconvert check", "", f"**{verdict(report)}**", ""]
+    lines += [f"> **Warning:** {w}" for w in report["warnings"]] + ([""] if report["warnings"] else [])
     if report["similarity"].get("note"):
         lines += [f"> {report['similarity']['note']}", ""]
     for title, header, rows in tables(report):
@@ -144,6 +173,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
     cls = "pass" if report["passed"] else "fail"
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mbconvert check</title>",
              f"<style>{CSS}</style></head><body><h1>mbconvert check</h1>", f"<p class='{cls}'><b>{e(verdict(report))}</b></p>"]
+    parts += [f"<p class='fail'>Warning: {e(w)}</p>" for w in report["warnings"]]
     if report["similarity"].get("note"):
         parts.append(f"<p><i>{e(report['similarity']['note'])}</i></p>")
     for name, png in images.items():
@@ -159,19 +189,23 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 def render_summary(report: dict) -> str:
     """One screen for the terminal, ending with the PASS/FAIL line."""
     m, acc, inputs = report["models"], report["accuracy"], report["inputs"]
-    row = "{:<24}{:>14}{:>14}"
+    row = "{:<24}{:>18}{:>18}"
     lines = [f"mbconvert check: {inputs['rows']} texts, sequence length {inputs['seq_len']}, "
-             f"{report['threads']} threads", row.format("", "original", "converted"),
+             f"{report['threads']} threads on {_machine(report)}", row.format("", "original", "converted"),
              row.format("accuracy", _num(acc["original"]), _num(acc["converted"])),
              row.format("macro-F1", _num(m["original"]["macro_f1"]), _num(m["converted"]["macro_f1"]))]
     for b in _batches(report):
         lo, lc = _latency(report, "original", b), _latency(report, "converted", b)
-        lines.append(row.format(f"latency b{b} median", f"{lo['median_ms']:.2f} ms", f"{lc['median_ms']:.2f} ms"))
+        lines.append(row.format(f"latency b{b} median", _ms(lo), _ms(lc)))
         lines.append(row.format(f"throughput b{b}", f"{lo['throughput_per_s']:.0f}/s", f"{lc['throughput_per_s']:.0f}/s"))
     so, sc = m["original"]["size"], m["converted"]["size"]
     lines += [row.format("parameters", _millions(so["parameters"]), _millions(sc["parameters"])),
               row.format("file size", _mb(so["file_bytes"]), _mb(sc["file_bytes"])),
               row.format("peak forward memory", _mb(so["forward_peak_rss_bytes"]), _mb(sc["forward_peak_rss_bytes"]))]
+    d = acc["discordant"]
+    lines.append(f"accuracy difference {_points(acc['difference_points'])}, 95% CI {_ci(acc)}, McNemar p = "
+                 f"{acc['mcnemar_p']:.3g} ({d['original_only_correct']} texts only the original gets right, "
+                 f"{d['converted_only_correct']} only the converted)")
     top = ", ".join(f"{d['original']}→{d['converted']} ×{d['count']}" for d in report["disagreements"][:3])
     lines.append(f"agreement {100 * report['agreement']:.1f}%" + (f"; most often: {top}" if top else ""))
     sim = report["similarity"]
@@ -182,6 +216,7 @@ def render_summary(report: dict) -> str:
         lines.append(f"attention JS divergence per layer: max {max(sim['attention_js']):.4f}")
     if sim.get("note"):
         lines.append(sim["note"])
+    lines += [f"WARNING: {w}" for w in report["warnings"]]
     lines.append(verdict(report))
     return "\n".join(lines)
 
@@ -263,3 +298,66 @@ def _similarity(fig, report: dict) -> None:
         ax_attn.legend()
     ax_attn.set_title("Head-averaged attention maps, per layer")
     ax_attn.set_xlabel("layer")
+
+
+# ------------------------------------------------------------------ recovery summary
+def format_duration(seconds: float) -> str:
+    """6m41s, 42s, 1h02m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def summary_line(summary: dict) -> str:
+    """`accuracy 0.9772 vs source 0.9785 (−0.13 pt), 6m41s`."""
+    took = format_duration(summary["wall_s"])
+    if summary["final_accuracy"] is None:
+        return f"recovered for {summary['steps']} steps, {took} (no eval data: accuracy not measured)"
+    acc, teacher = summary["final_accuracy"], summary["teacher_accuracy"]
+    diff = 100 * (acc - teacher)
+    sign = "−" if diff < 0 else "+"
+    return f"{summary['metric']} {acc:.4f} vs source {teacher:.4f} ({sign}{abs(diff):.2f} pt), {took}"
+
+
+# ------------------------------------------------------------------ model card
+def model_card(model, conversion: dict | None, recovery: dict | None) -> str:
+    """The output folder's README.md (a Hugging Face model card): what the model is, how it was made, what was
+    measured. Built with huggingface_hub.ModelCard, from the reports only, so it is reproducible."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    c = model.config
+    labels = [c.id2label[i] for i in sorted(c.id2label)]
+    source = (conversion or {}).get("source", {})
+    lines = [f"# MobileBERT text classifier ({c.num_labels} classes)", "",
+             f"Converted by mbconvert from a {source.get('family', 'BERT-family')} model "
+             f"(`{Path(str(source.get('path', '?'))).name}`: {source.get('num_hidden_layers', '?')} layers, hidden "
+             f"{source.get('hidden_size', '?')}, {source.get('num_attention_heads', '?')} heads) into MobileBERT "
+             f"(hidden {c.hidden_size}, bottleneck {c.intra_bottleneck_size}, {c.num_attention_heads} heads, "
+             f"{c.num_feedforward_networks} FFNs, {c.normalization_type}), "
+             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters.", "",
+             "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+             'model = AutoModelForSequenceClassification.from_pretrained("<this folder>")',
+             'tokenizer = AutoTokenizer.from_pretrained("<this folder>")', "```", "",
+             "Labels: " + ", ".join(f"`{x}`" for x in labels), ""]
+    if conversion:
+        calib = conversion.get("calibration")
+        lines += ["## Conversion", "", f"- calibration: {calib if isinstance(calib, str) else str(calib.get('texts')) + ' texts'}"]
+        ev = conversion.get("evaluation")
+        if ev:
+            lines.append(f"- before recovery, agreement with the source on {ev['texts']} held-out texts: "
+                         f"{ev['converted']['agreement']:.3f} (a random-init MobileBERT: {ev['random_init']['agreement']:.3f})")
+        lines.append("")
+    if recovery:
+        lines += ["## Recovery", "", f"- {summary_line(recovery)} ({recovery['steps']} steps, "
+                  f"{recovery['train_rows']} training rows, {recovery['eval_rows']} dev rows)"]
+        if recovery.get("warning"):
+            lines.append(f"- warning: {recovery['warning']}")
+        lines.append("")
+    lines += ["Accuracy on a test set: run `mbconvert check <this folder> --against <source> --data test.jsonl`.", ""]
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-classification",
+                         tags=["mobilebert", "mbconvert", "text-classification"])
+    template = "---\n{{ card_data }}\n---\n\n{{ body }}"
+    return str(ModelCard.from_template(data, template_str=template, body="\n".join(lines)))

@@ -35,14 +35,18 @@ def _forward(model, batch, hidden: bool, attentions: bool):
 
 
 @torch.no_grad()
-def predict_logits(model, encoded: Encoded, batch_size: int = 64, device=None) -> torch.Tensor:
+def predict_logits(model, encoded: Encoded, batch_size: int = 64, device=None, desc: str = "") -> torch.Tensor:
     """Logits for every row in file order, computed shortest rows first (least padding). Leaves the model in
-    eval mode; `device`: where the batches go (default: where they are)."""
+    eval mode; `device`: where the batches go (default: where they are); `desc`: show a progress bar."""
+    from tqdm.auto import tqdm
+
     model.eval()
     order = encoded.length_order()
+    batches = encoded.batches(batch_size, order=order)
+    if desc:
+        batches = tqdm(batches, total=-(-len(encoded) // batch_size), desc=desc, unit="batch", leave=False)
     logits = torch.cat([_forward(model, {k: v.to(device) for k, v in b.items()} if device is not None else b,
-                                 False, False).logits.float()
-                        for b in encoded.batches(batch_size, order=order)])
+                                 False, False).logits.float() for b in batches])
     return logits[torch.argsort(order).to(logits.device)]
 
 

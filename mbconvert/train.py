@@ -1,9 +1,9 @@
 """Fine-tune a sequence classifier on Encoded data: the students that mbconvert converts (the demo's, and
 examples/train_student.py's for the benchmarks).
 
-AdamW (no weight decay on biases and LayerNorm weights) with linear warmup/decay, optional logit distillation
-from cached teacher logits (`losses.kd_logits`), optional bfloat16 autocast, dev accuracy and macro-F1 after each
-epoch, the best epoch's weights kept. The batch order follows `seed`; the caller seeds torch's global generator (initial
+The optimiser recipe is recovery's (mbconvert.optim: AdamW without decay on biases and norm weights, linear
+warm-up/decay, the KD + CE mix, bfloat16 autocast), with optional logit distillation from cached teacher logits; dev
+accuracy and macro-F1 after each epoch, the best epoch's weights kept. The batch order follows `seed`; the caller seeds torch's global generator (initial
 weights, dropout), so a run is deterministic on CPU.
 """
 
@@ -16,13 +16,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
+from . import optim
 from .check import classification_metrics
 from .data import Encoded
-from .losses import kd_logits
 from .similarity import predict_logits
 
 log = logging.getLogger("mbconvert")
@@ -33,13 +31,6 @@ def scores(model, data: Encoded, num_labels: int) -> dict:
     m = classification_metrics(predict_logits(model, data).argmax(-1).tolist(), data.labels.tolist(),
                                [str(i) for i in range(num_labels)])
     return {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)}
-
-
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    no_decay = lambda name: name.endswith("bias") or "LayerNorm" in name
-    named = list(model.named_parameters())
-    return [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}]
 
 
 def train_classifier(model, train: Encoded, dev: Encoded | None = None, *, epochs: float = 1.0, lr: float = 1e-3,
@@ -54,8 +45,7 @@ def train_classifier(model, train: Encoded, dev: Encoded | None = None, *, epoch
     num_labels = model.config.num_labels
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = max(1, int(epochs * steps_per_epoch))
-    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
-    sched = get_linear_schedule_with_warmup(opt, int(warmup * total), total)
+    opt = torch.optim.AdamW(optim.param_groups(model.parameters(), lr, weight_decay))
     generator = torch.Generator().manual_seed(seed)
     start, step, history, best, best_state = time.time(), 0, [], None, None
     interval = 1 if sys.stderr.isatty() else 30
@@ -65,16 +55,12 @@ def train_classifier(model, train: Encoded, dev: Encoded | None = None, *, epoch
         bar = tqdm(order.split(batch_size), desc=f"{desc}: epoch {epoch + 1}", mininterval=interval, file=sys.stderr)
         for idx in bar:
             batch = train.batch(idx)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            optim.set_lr(opt, step / total, warmup)
+            with optim.autocast(next(model.parameters()).device, bf16):
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-            loss = F.cross_entropy(logits, batch["labels"])
-            if teacher_logits is not None:
-                loss = alpha * kd_logits(logits, teacher_logits[idx], temperature) + (1 - alpha) * loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            targets = teacher_logits[idx] if teacher_logits is not None else None
+            loss = optim.distillation_loss(logits, targets, batch["labels"], alpha, temperature)
+            optim.step(opt, loss)
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         dev_scores = scores(model, dev, num_labels) if dev is not None else None

@@ -14,6 +14,20 @@ import helpers  # noqa: E402
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """mbconvert's cache (tokenised data, source logits) goes to a temporary folder, never the user's ~/.cache."""
+    import os
+
+    previous = os.environ.get("MBCONVERT_CACHE")
+    os.environ["MBCONVERT_CACHE"] = str(tmp_path_factory.mktemp("mbconvert-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MBCONVERT_CACHE", None)
+    else:
+        os.environ["MBCONVERT_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tokenizer")

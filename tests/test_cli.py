@@ -100,9 +100,10 @@ def _tokenizer_mismatch(src, d):
     return [d / "student.pt", "--tokenizer", d]
 
 
-def _missing_tokenizer(src, d):
+def _calibration_without_tokenizer(src, d):
     (d / "student.pt").write_bytes(src.read_bytes())
-    return [d / "student.pt"]
+    (d / "calib.jsonl").write_text('{"text": "一丁七"}\n', encoding="utf-8")
+    return [d / "student.pt", "--calib", d / "calib.jsonl"]
 
 
 def _missing_file(src, d):
@@ -110,11 +111,12 @@ def _missing_file(src, d):
 
 
 @pytest.mark.parametrize("make_bad", [_truncated, _corrupt_safetensors, _unknown_layout, _shape_mismatch, _nan_weights,
-                                      _bottleneck_too_large, _tokenizer_mismatch, _missing_tokenizer, _missing_file])
+                                      _bottleneck_too_large, _tokenizer_mismatch, _calibration_without_tokenizer,
+                                      _missing_file])
 def test_bad_input_gives_one_line_exit_2_and_writes_nothing(make_bad, student_pt, tmp_path, capsys, tokenizer):
     d = tmp_path / "in"
     d.mkdir()
-    if make_bad not in (_tokenizer_mismatch, _missing_tokenizer):
+    if make_bad not in (_tokenizer_mismatch, _calibration_without_tokenizer):
         tokenizer.save_pretrained(str(d))
     args = make_bad(student_pt, d)
     out = tmp_path / "out"
@@ -125,6 +127,29 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(make_bad, student_pt
     assert "Traceback" not in err
     assert not out.exists()
     assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+
+
+def test_a_bare_state_dict_converts_without_tokenizer_and_says_what_the_output_lacks(student_pt, tmp_path, capsys,
+                                                                                      caplog):
+    """The headline command on the seeds' own input: weights only, one warning naming the flags that add the rest."""
+    from transformers import AutoModelForSequenceClassification
+
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "student.pt").write_bytes(student_pt.read_bytes())
+    code, _, err = run_cli([d / "student.pt", "--bottleneck", "128", "-o", tmp_path / "out"], capsys)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] + \
+        [line for line in err.splitlines() if "warning" in line]
+    assert code == 0, err
+    assert any("--tokenizer" in w and "--calib" in w for w in warnings), warnings
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out"))
+    assert model.config.model_type == "mobilebert" and not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_converting_without_calibration_text_warns_with_the_flag(student_pt, tmp_path, capsys, caplog):
+    code, _, err = run_cli([student_pt, "--bottleneck", "64", "-o", tmp_path / "out"], capsys)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] + err.splitlines()
+    assert code == 0 and any("calibration" in w and "--calib" in w for w in warnings), warnings
 
 
 def test_safetensors_written_by_us_round_trip(student_pt, tmp_path, capsys):
@@ -141,7 +166,7 @@ def test_recover_flags_reach_the_recovery_config_and_defaults_come_from_it():
     from mbconvert.config import RecoveryConfig
 
     def parse(*flags):
-        return _recovery_config(build_parser("recover").parse_args(["out", "--teacher", "s.pt", "--train", "t.jsonl",
+        return _recovery_config(build_parser("recover").parse_args(["out", "--source", "s.pt", "--train", "t.jsonl",
                                                                     *flags]))
 
     assert parse() == RecoveryConfig()

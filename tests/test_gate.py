@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from transformers import BertForSequenceClassification
 
 from mbconvert.cli import main
 from mbconvert.config import GateConfig
-from mbconvert.errors import DataError
+from mbconvert.errors import ConfigError, DataError
 from mbconvert.gate import gate
 
 CHECK_FAST = ["--repeats", "2", "--threads", "1"]
@@ -46,7 +47,7 @@ def test_unchanged_model_passes(reports, capsys):
 
 
 def test_damaged_copy_fails_with_exit_1_and_names_accuracy(reports, capsys):
-    rc = main(["gate", str(reports["damaged"]), "--baseline", str(reports["baseline"]), "--tolerance", "0.005"])
+    rc = main(["gate", str(reports["damaged"]), "--baseline", str(reports["baseline"]), "--tolerance", "0.5"])
     out = capsys.readouterr().out
     assert rc == 1
     last = out.rstrip().splitlines()[-1]
@@ -65,6 +66,7 @@ def test_latency_and_size_bounds(reports, tmp_path):
     def slower_and_bigger(r):
         for x in r["models"]["converted"]["latency"]:
             x["median_ms"] *= 3
+            x["noisy"] = False
         r["models"]["converted"]["size"]["file_bytes"] *= 2
 
     worse = _edited(reports["baseline"], tmp_path, "worse.json", slower_and_bigger)
@@ -73,13 +75,53 @@ def test_latency_and_size_bounds(reports, tmp_path):
     assert not lat.passed and lat.summary().splitlines()[-1].startswith("FAIL: latency (batch 1) ×3.00")
     size = gate(worse, reports["baseline"], GateConfig(max_size_ratio=1.5, max_latency_ratio=4))
     assert not size.passed and size.summary().splitlines()[-1].startswith("FAIL: size ×2.00")
+    assert "the current latency" not in size.summary()  # a quiet measurement carries no note
+
+    def noisy(r):
+        r["models"]["converted"]["latency"][0]["noisy"] = True
+
+    shaky = _edited(reports["baseline"], tmp_path, "noisy.json", noisy)
+    assert "the current latency at batch 1 was noisy" in gate(shaky, reports["baseline"],
+                                                               GateConfig(max_latency_ratio=1.5)).summary()
 
 
-def test_accuracy_drop_within_tolerance_passes(reports, tmp_path):
-    def slightly_worse(r):
-        r["models"]["converted"]["accuracy"] -= 0.004
+def _worse_by(points):
+    def edit(r):
+        r["models"]["converted"]["accuracy"] -= points / 100
+    return edit
 
-    assert gate(_edited(reports["baseline"], tmp_path, "r.json", slightly_worse), reports["baseline"]).passed
+
+def test_accuracy_tolerance_is_in_points(reports, tmp_path):
+    base = reports["baseline"]
+    assert gate(_edited(base, tmp_path, "a.json", _worse_by(0.4)), base).passed  # default: a drop ≤ 0.5 points
+    worse = _edited(base, tmp_path, "b.json", _worse_by(0.6))
+    failed = gate(worse, base)
+    assert not failed.passed
+    assert failed.summary().splitlines()[-1] == "FAIL: accuracy -0.60 points (drop ≤ 0.50 points)"
+    assert gate(worse, base, GateConfig(tolerance=1.0)).passed
+
+
+@pytest.mark.parametrize("kwargs", [{"tolerance": -0.5}, {"tolerance": 101}, {"tolerance": float("inf")},
+                                    {"max_latency_ratio": 0}, {"max_latency_ratio": -1.2},
+                                    {"max_size_ratio": float("nan")}])
+def test_impossible_gate_options_are_refused(kwargs):
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        GateConfig(**kwargs)
+
+
+@pytest.mark.parametrize("edit, what", [
+    (lambda r: r.update(threads=r["threads"] + 1), "threads"),
+    (lambda r: r["machine"].update(processor="another CPU"), "machine"),
+])
+def test_latency_gate_refuses_reports_from_other_threads_or_machines(reports, tmp_path, capsys, edit, what):
+    base = reports["baseline"]
+    elsewhere = _edited(base, tmp_path, "elsewhere.json", edit)
+    assert gate(elsewhere, base).passed  # accuracy and size still compare
+    with pytest.raises(ConfigError, match=what) as e:
+        gate(elsewhere, base, GateConfig(max_latency_ratio=1.2))
+    assert "\n" not in str(e.value)
+    assert main(["gate", str(elsewhere), "--baseline", str(base), "--max-latency-ratio", "1.2"]) == 2
+    assert what in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case, message", [
@@ -89,6 +131,11 @@ def test_accuracy_drop_within_tolerance_passes(reports, tmp_path):
     ("future_schema", "report schema 99"),
     ("incomplete", "incomplete report"),
     ("other_data", "different test data"),
+    ("other_original", "different original model"),
+    ("empty_latency", "no latency measurements"),
+    ("no_batch_size", "latency[0].batch_size"),
+    ("string_accuracy", "models.converted.accuracy is '0.9', not a number"),
+    ("accuracy_above_one", "models.converted.accuracy"),
 ])
 def test_bad_reports_are_bad_input(reports, tmp_path, capsys, case, message):
     base = reports["baseline"]
@@ -97,6 +144,11 @@ def test_bad_reports_are_bad_input(reports, tmp_path, capsys, case, message):
         "future_schema": lambda r: r.update(schema_version=99),
         "incomplete": lambda r: r["models"]["converted"].pop("accuracy"),
         "other_data": lambda r: r["inputs"].update(data_sha256="0" * 64),
+        "other_original": lambda r: r["models"]["original"].update(weights_sha256="0" * 64),
+        "empty_latency": lambda r: r["models"]["converted"].update(latency=[]),
+        "no_batch_size": lambda r: r["models"]["converted"]["latency"][0].pop("batch_size"),
+        "string_accuracy": lambda r: r["models"]["converted"].update(accuracy="0.9"),
+        "accuracy_above_one": lambda r: r["models"]["converted"].update(accuracy=90.5),
     }
     if case == "missing":
         path = tmp_path / "nope.json"
@@ -105,8 +157,9 @@ def test_bad_reports_are_bad_input(reports, tmp_path, capsys, case, message):
         path.write_text("{ truncated", encoding="utf-8")
     else:
         path = _edited(base, tmp_path, "r.json", edits[case])
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError, match=re.escape(message)) as e:
         gate(path, base)
+    assert "\n" not in str(e.value)
     assert main(["gate", str(path), "--baseline", str(base)]) == 2
     assert message in capsys.readouterr().err
 
@@ -120,7 +173,7 @@ def test_pytest_plugin_fails_the_run_on_a_drifted_model(reports, trained_student
         import pytest
 
         @pytest.mark.mbconvert_gate(model={str(reports["damaged_model"])!r}, against={str(trained_student)!r},
-                                    data={str(task_data["test"])!r}, baseline="baseline.json", tolerance=0.005,
+                                    data={str(task_data["test"])!r}, baseline="baseline.json", tolerance=0.5,
                                     repeats=1, threads=1)
         def test_drifted_model():
             pass

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import helpers
-from mbconvert.adapter import MobileBERTAdapter, evaluate_mapping
+from mbconvert.mapping import MobileBERTAdapter, evaluate_mapping
 from mbconvert.cli import main
 from mbconvert.config import ConvertConfig
 from mbconvert.data import encode, read_examples
@@ -126,3 +126,36 @@ def test_cli_with_calibration_reports_agreement_before_training(trained_student,
     assert ev["converted"]["agreement"] > ev["random_init"]["agreement"]
     assert ev["converted"]["layer_cosine"][-1] > ev["random_init"]["layer_cosine"][-1] + 0.5
     assert report["calibration"]["texts"] == 96
+
+
+@pytest.fixture(scope="module")
+def small_calib(tokenizer, task_data):
+    """32 calibration texts for the random students below (their vocabulary is the test tokenizer's)."""
+    label2id = {name: i for i, name in enumerate(helpers.LABELS)}
+    return encode(read_examples(task_data["train"], label2id=label2id).subset(32, seed=0), tokenizer)
+
+
+@pytest.mark.parametrize("hidden, heads, bottleneck, intermediate",
+                         [(120, 5, 60, None), (128, 16, 64, None), (96, 3, 48, None), (128, 2, 64, 32)])
+@pytest.mark.parametrize("with_data", [False, True], ids=["weights only", "calibrated"])
+def test_small_heads_give_a_well_defined_bottleneck(hidden, heads, bottleneck, intermediate, with_data, small_calib):
+    """Odd legal geometries, some with kept heads spanning fewer than b directions (2 × head size × kept heads < b):
+    the shared q/k bottleneck is still b independent directions (all of the kept heads' q/k when they span fewer),
+    the result is deterministic and its outputs finite. The last student's FFN (32) is narrower than b."""
+    student = helpers.random_student(hidden=hidden, layers=2, heads=heads, intermediate=intermediate)
+    calib = small_calib if with_data else None
+    config = ConvertConfig(bottleneck=bottleneck, embedding_size=64, ffn=2)
+    mobile, report = MobileBERTAdapter(config).convert(student, calib)
+    again, _ = MobileBERTAdapter(config).convert(student, calib)
+    spanned = 2 * (hidden // heads) * mobile.config.num_attention_heads
+    for layer, layer_report in zip(mobile.mobilebert.encoder.layer, report["layers"]):
+        reduce = layer.bottleneck.attention.dense.weight.double()
+        assert torch.linalg.matrix_rank(reduce) == bottleneck
+        if spanned <= bottleneck:
+            assert layer_report["attention"]["qk_bottleneck_energy"] == pytest.approx(1.0, abs=1e-9)
+    for (name, a), b in zip(mobile.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    batch = small_calib.batch(slice(0, 8))
+    with torch.no_grad():
+        logits = mobile(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert logits.shape == (8, len(helpers.LABELS)) and torch.isfinite(logits).all()

@@ -11,7 +11,7 @@ MobileBERT's progressive knowledge transfer, adapted to a converted model:
 
 Dev accuracy is measured before recovery, after the layer-wise stage and every `eval_every` task steps (of the
 weights' moving average when `ema_decay` is set);
-recovery stops once it is within `tolerance` of the teacher's (never with `tolerance=None`) and the best model
+recovery stops once it is within `tolerance` points of the teacher's (never with `tolerance=None`) and the best model
 seen is kept (`keep="last"`: the final one — on a small dev set the best point is often noise).
 
 Resumability: the batch of every step is a function of (seed, stage, step) and the checkpoint holds the
@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -36,22 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import losses
-from .config import RecoveryConfig
-from .data import Encoded, load_encoded
-from .errors import ConfigError, DataError, ShapeMismatchError
-from .fileio import atomic_dir, safe_torch_load, write_json
+from . import checkpoint, losses, optim
+from .cache import model_key
+from .config import RecoveryConfig, RunOptions
+from .data import Encoded, bucketed_batches, mix_tokens
+from .errors import ConfigError, DataError, ShapeMismatchError, TrainingDivergedError
 from .similarity import predict_logits
 
 log = logging.getLogger("mbconvert")
-STATE_FILE = "recovery_state.pt"
 SUMMARY_FILE = "recovery.json"
 LOSS_SAMPLE_EVERY = 10  # steps averaged into one point of the loss curves in recovery.json
-# options that may change between an interrupted run and its resumption without changing the result
-RESUMABLE_CHANGES = ("threads", "device", "checkpoint_every_s", "progress", "stop_after_steps")
+FEW_STEPS = 10  # a recovery that trained fewer steps than this says so loudly
 
 
 # -------------------------------------------------------------------- plan
@@ -71,10 +65,6 @@ class Stage:
 
 def plan_stages(cfg: RecoveryConfig, n_layers: int, n_rows: int) -> list[Stage]:
     """Split steps (or seconds) between the layers and the task stage by `layerwise_share`."""
-    if not 0 <= cfg.layerwise_share <= 1:
-        raise ConfigError(f"layerwise_share must be in [0, 1], not {cfg.layerwise_share}")
-    if sum(x is not None for x in (cfg.budget_s, cfg.steps, cfg.epochs)) > 1:
-        raise ConfigError("give one of budget, steps or epochs")
     if cfg.budget_s is not None:
         layer_s = cfg.budget_s * cfg.layerwise_share / n_layers
         stages = [Stage(i, None, i * layer_s, (i + 1) * layer_s) for i in range(n_layers)]
@@ -86,13 +76,6 @@ def plan_stages(cfg: RecoveryConfig, n_layers: int, n_rows: int) -> list[Stage]:
     layerwise = round(total * cfg.layerwise_share)
     stages = [Stage(i, layerwise // n_layers + (i < layerwise % n_layers)) for i in range(n_layers)]
     return [s for s in stages if s.steps] + [Stage(None, total - layerwise)]
-
-
-def lr_scale(progress: float, warmup: float) -> float:
-    """Linear warm-up over the first `warmup` of a stage, then linear decay to zero."""
-    if progress < warmup:
-        return progress / warmup
-    return max(0.0, (1.0 - progress) / max(1e-12, 1.0 - warmup))
 
 
 @dataclass
@@ -167,64 +150,24 @@ def _inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def _logits(model, data: Encoded, device, batch_size: int) -> torch.Tensor:
+def _logits(model, data: Encoded, device, batch_size: int, desc: str = "") -> torch.Tensor:
     was_training = model.training
-    out = predict_logits(model, data, batch_size, device)
+    out = predict_logits(model, data, batch_size, device, desc=desc)
     model.train(was_training)
     return out
 
 
-def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=None) -> torch.Tensor:
-    """The teacher's logits on every training row, computed once per (teacher, dataset) and kept in
-    cache_dir: a second recovery on the same data (a resume, a benchmark's random-init run) reuses them."""
-    if cache_dir is None:
-        return _logits(teacher, data, device, batch_size)
-    key = hashlib.sha256()
-    for tensor in (*teacher.state_dict().values(), data.input_ids, data.attention_mask, data.token_type_ids):
-        key.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    path = Path(cache_dir) / f"teacher-logits-{key.hexdigest()[:16]}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True).to(device)
-    out = _logits(teacher, data, device, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(out.cpu(), tmp)
-    os.replace(tmp, path)
-    return out
+def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=None, desc: str = "") -> torch.Tensor:
+    """The teacher's logits on every row, computed once per (teacher, dataset) and kept in the cache (outside the
+    output folder): a resume or a second recovery on the same data reuses them."""
+    from .cache import cached, model_key
+    from .checkpoint import data_key
 
+    def compute():
+        return {"logits": _logits(teacher, data, device, batch_size, desc)}
 
-def bucketed_batches(lengths: torch.Tensor, batch_size: int, seed: int, bucket: int) -> list[torch.Tensor]:
-    """One epoch of batches: shuffle, sort each window of `bucket` batches by length, cut into batches and
-    shuffle the batches. Batches are trimmed to their longest row, so similar lengths save most of the
-    padding (AG News, 32 rows, window 50: mean padded width 103 → 55 tokens) at the cost of slightly less random batches;
-    bucket ≤ 1 gives plain shuffled batches."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(lengths), generator=g)
-    if bucket > 1:
-        window = batch_size * bucket
-        order = torch.cat([chunk[torch.argsort(lengths[chunk], stable=True)] for chunk in order.split(window)])
-    batches = list(order.split(batch_size))
-    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-
-
-def mix_tokens(inputs: dict, rows: int, rate: float, generator: torch.Generator) -> tuple[dict, torch.Tensor]:
-    """Data augmentation for distillation: in `rows` random rows of the batch, swap each real token with
-    probability `rate` for a token drawn from the batch's real tokens (special tokens — the ids that open or close
-    a row — and padding are never swapped or drawn). The teacher labels the mixed rows; the student learns its
-    function around, not only at, the training texts. Returns the new inputs and the boolean mask of mixed rows."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    n, width = ids.shape
-    last = ids[torch.arange(n), mask.sum(1).clamp(min=1) - 1]
-    real = mask.bool() & ~torch.isin(ids, torch.cat([ids[:, 0], last]))
-    mixed = torch.zeros(n, dtype=torch.bool)
-    pool = ids[real].cpu()
-    if not len(pool):  # nothing to mix (rows of special tokens only)
-        return inputs, mixed.to(ids.device)
-    mixed[torch.randperm(n, generator=generator)[:rows]] = True
-    swap = real.cpu() & mixed[:, None] & (torch.rand(n, width, generator=generator) < rate)
-    drawn = pool[torch.randint(len(pool), (n, width), generator=generator)]
-    new_ids = torch.where(swap.to(ids.device), drawn.to(ids.device), ids)
-    return dict(inputs, input_ids=new_ids), mixed.to(ids.device)
+    key = f"{model_key(teacher)}-{data_key(data)}"
+    return cached(cache_dir, "teacher-logits", key, compute)["logits"].to(device)
 
 
 @contextlib.contextmanager
@@ -241,30 +184,25 @@ def _deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
-def _groups(params: list, lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices only (not on biases and norm weights)."""
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    return [dict(g, lr=lr, base_lr=lr) for g in groups if g["params"]]
-
-
 # -------------------------------------------------------------------- the run
 class Recovery:
     """One recovery run: plan, training loop, evaluation, checkpoints and the summary."""
 
     def __init__(self, student, teacher, train: Encoded, cfg: RecoveryConfig, eval_data: Encoded | None,
-                 out_dir: Path | None, head_map: list[list[int]] | None, cache_dir=None):
-        self.cfg = cfg
-        self.cache_dir = cache_dir
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                 out_dir: Path | None, head_map: list[list[int]] | None, run: RunOptions):
+        self.cfg, self.run_options = cfg, run
+        self.cache_dir = run.cache_dir
+        self.device = torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.fingerprint = checkpoint.fingerprint(cfg.to_dict(), model_key(teacher), model_key(student),
+                                                  checkpoint.data_key(train), checkpoint.data_key(eval_data))
         self.student = student.to(self.device)
         self.teacher = teacher.to(self.device).eval()
         self.train, self.eval_data, self.out_dir = train, eval_data, out_dir
         self.head_map = head_map
         self.attention_loss = losses.attention_loss(cfg.attention_loss)
-        self.attention_inputs = losses.ATTENTION_INPUTS[cfg.attention_loss]
-        if cfg.attention_loss == "attention_kl_mapped" and head_map is None:
-            raise ConfigError("attention_loss='attention_kl_mapped' needs the head map from conversion.json")
+        self.attention_inputs = self.attention_loss.inputs
+        if self.attention_loss.uses_head_map and head_map is None:
+            raise ConfigError(f"attention_loss={cfg.attention_loss!r} needs the head map from conversion.json")
         if self.attention_inputs == "probs":  # only eager attention materialises the probabilities
             for model in (self.student, self.teacher):
                 model.set_attn_implementation("eager")
@@ -291,10 +229,6 @@ class Recovery:
     @property
     def elapsed(self) -> float:
         return self.p.elapsed_s + time.monotonic() - self._clock
-
-    def _fingerprint(self) -> str:
-        options = {k: v for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
-        return json.dumps([options, len(self.train), len(self.eval_data) if self.eval_data is not None else 0])
 
     def _batch(self, stage_index: int, stage_step: int) -> tuple[torch.Tensor, dict]:
         """The rows of a step: a seeded, length-bucketed shuffle per (stage, epoch), so any step can be replayed."""
@@ -338,7 +272,7 @@ class Recovery:
                 if self.cfg.keep == "best":
                     self.best_state = {k: v.detach().to("cpu", copy=True)
                                        for k, v in self.student.state_dict().items()}
-        if self.cfg.tolerance is not None and acc >= p.teacher_accuracy - self.cfg.tolerance:
+        if self.cfg.tolerance is not None and acc >= p.teacher_accuracy - self.cfg.tolerance / 100:
             p.early_stopped = True
 
     def _start(self) -> None:
@@ -385,12 +319,11 @@ class Recovery:
         projection = self.projections[stage.layer] if self.projections is not None else None
         loss = self.cfg.hidden_weight * losses.hidden_mse(s_hidden, t_hidden, mask, projection)
         if self.cfg.attention_weight:
-            extra = {"heads": self.cfg.relation_heads} if self.attention_inputs == "qkv" else {}
-            if self.cfg.attention_loss == "attention_kl_mapped":
-                extra = {"head_map": self.head_map[stage.layer]}
             student_tap, teacher_tap = taps
-            loss = loss + self.cfg.attention_weight * self.attention_loss(student_tap.value(), teacher_tap.value(),
-                                                                          mask, **extra)
+            head_map = self.head_map[stage.layer] if self.head_map is not None else None
+            loss = loss + self.cfg.attention_weight * self.attention_loss(
+                student_tap.value(), teacher_tap.value(), mask, relation_heads=self.cfg.relation_heads,
+                head_map=head_map)
         return loss
 
     def _task_loss(self, idx: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -409,27 +342,23 @@ class Recovery:
                 targets[mixed] = live
                 clean = ~mixed
         logits = self.student(**inputs).logits
-        kd = losses.kd_logits(logits, targets, self.cfg.temperature)
-        if "labels" not in batch or (clean is not None and not clean.any()):
-            return kd
-        labelled = logits if clean is None else logits[clean]
-        labels = batch["labels"] if clean is None else batch["labels"][clean]
-        return self.cfg.alpha * kd + (1 - self.cfg.alpha) * F.cross_entropy(labelled.float(), labels)
+        return optim.distillation_loss(logits, targets, batch.get("labels"), self.cfg.alpha, self.cfg.temperature,
+                                       ce_rows=clean)
 
     def _optimizer(self, stage: Stage) -> tuple[torch.optim.Optimizer, list]:
         """AdamW for a stage, and the parameters it freezes (restored when the stage ends)."""
         cfg = self.cfg
         if stage.layer is None:
-            return torch.optim.AdamW(_groups(list(self.student.parameters()), cfg.lr, cfg.weight_decay)), []
+            return torch.optim.AdamW(optim.param_groups(self.student.parameters(), cfg.lr, cfg.weight_decay)), []
         top = list(_layers(self.student)[stage.layer].parameters())
         if self.projections is not None:
             top += list(self.projections[stage.layer].parameters())
         lower = list(self.student.base_model.embeddings.parameters())
         lower += [p for layer in _layers(self.student)[:stage.layer] for p in layer.parameters()]
-        groups = _groups(top, cfg.layerwise_lr, cfg.weight_decay)
+        groups = optim.param_groups(top, cfg.layerwise_lr, cfg.weight_decay)
         frozen = []
         if cfg.lower_layer_lr_scale > 0:
-            groups += _groups(lower, cfg.layerwise_lr * cfg.lower_layer_lr_scale, cfg.weight_decay)
+            groups += optim.param_groups(lower, cfg.layerwise_lr * cfg.lower_layer_lr_scale, cfg.weight_decay)
         else:
             frozen = [p for p in lower if p.requires_grad]
         return torch.optim.AdamW(groups), frozen
@@ -445,16 +374,16 @@ class Recovery:
         return self.elapsed >= stage.deadline_s
 
     def _train_step(self, index: int, stage: Stage, optimizer, taps) -> float:
-        scale = lr_scale(min(1.0, self._stage_progress(stage)), self.cfg.warmup_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * scale
+        optim.set_lr(optimizer, self._stage_progress(stage), self.cfg.warmup_ratio)
         idx, batch = self._batch(index, self.p.stage_step)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+        with optim.autocast(self.device, self.cfg.bf16):
             loss = self._task_loss(idx, batch) if stage.layer is None else self._layer_loss(stage, batch, taps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        optimizer.step()
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"recovery diverged: the {stage.kind} loss is {float(loss.detach())} at step {self.p.step + 1} "
+                f"(learning rate {self.cfg.lr if stage.layer is None else self.cfg.layerwise_lr:g}, temperature "
+                f"{self.cfg.temperature:g}); nothing was saved — lower the learning rate")
+        optim.step(optimizer, loss)
         if stage.layer is None:
             self._update_ema()
         return float(loss.detach())
@@ -476,28 +405,21 @@ class Recovery:
         if self.out_dir is None:
             return
         progress = dataclasses.asdict(self.p) | {"elapsed_s": self.elapsed}
-        state = {"fingerprint": self._fingerprint(), "model": self.student.state_dict(),
+        state = {"fingerprint": self.fingerprint, "model": self.student.state_dict(),
                  "optimizer": optimizer.state_dict(), "progress": progress,
                  "rng": torch.get_rng_state(), "best": self.best_state or {}, "ema": self.ema or [],
                  "projections": self.projections.state_dict() if self.projections is not None else {}}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / f".{STATE_FILE}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out_dir / STATE_FILE)
+        checkpoint.save_state(self.out_dir, state)
         self._last_checkpoint = time.monotonic()
 
     def _load(self) -> dict | None:
         """Restore a checkpoint; returns the optimiser state of the stage it stopped in."""
-        path = self.out_dir / STATE_FILE if self.out_dir is not None else None
-        if path is None or not path.is_file():
-            log.info("no %s to resume from: starting recovery from the beginning", STATE_FILE)
+        state = checkpoint.load_state(self.out_dir, self.fingerprint)
+        if state is None:
+            log.info("no %s to resume from: starting recovery from the beginning", checkpoint.STATE_FILE)
             return None
-        state = safe_torch_load(path)
-        if state.get("fingerprint") != self._fingerprint():
-            raise ConfigError(f"{path} was written with other recovery options or data; rerun without --resume "
-                              "to start over")
         self.student.load_state_dict(state["model"])
         if self.projections is not None:
             self.projections.load_state_dict(state["projections"])
@@ -513,10 +435,14 @@ class Recovery:
     # ---------------------------------------------------------------- driver
     def run(self, resume: bool) -> dict:
         optimizer_state = self._load() if resume else None
+        # the teacher's logits are computed before the clock starts: a time budget is spent on training only
+        self.teacher_logits = teacher_logits(self.teacher, self.train, self.device, 2 * self.cfg.batch_size,
+                                             self.cache_dir, desc="source logits (training data)")
+        if self.eval_data is not None:
+            self.teacher_eval_logits = self._teacher_eval_logits()
+        self._clock = time.monotonic()
         if optimizer_state is None:
             self._start()
-        elif self.eval_data is not None:
-            self.teacher_eval_logits = self._teacher_eval_logits()
         self.student.train()
         self._last_checkpoint = time.monotonic()
         bar, kind = None, None
@@ -542,8 +468,9 @@ class Recovery:
         same = [s for s in self.stages if s.kind == stage.kind]
         total = sum(s.steps for s in same) if stage.steps is not None else None
         done = sum(s.steps for s in self.stages[:index] if s.kind == stage.kind) if total else 0
-        return tqdm(total=total, initial=done + self.p.stage_step, desc=f"recovery: {stage.kind}", unit="step",
-                    disable=not self.cfg.progress, dynamic_ncols=True, leave=True)
+        current = self.p.stage_step if index == self.p.stage else 0  # steps already done in this stage (a resume)
+        return tqdm(total=total, initial=done + current, desc=f"recovery: {stage.kind}", unit="step",
+                    disable=not self.run_options.progress, dynamic_ncols=True, leave=True)
 
     def _run_stage(self, index: int, stage: Stage, optimizer_state, bar, interrupted) -> None:
         if index != self.p.stage:
@@ -551,9 +478,6 @@ class Recovery:
         optimizer, frozen = self._optimizer(stage)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
-        if stage.layer is None and self.teacher_logits is None:
-            self.teacher_logits = teacher_logits(self.teacher, self.train, self.device, 2 * self.cfg.batch_size,
-                                                 self.cache_dir)
         taps = self._taps(stage)
         if stage.layer is None and self.cfg.ema_decay is not None and self.ema is None:
             self.ema = [p.detach().clone() for p in self.student.parameters()]
@@ -566,9 +490,9 @@ class Recovery:
                 started = time.monotonic()
                 loss = self._train_step(index, stage, optimizer, taps)
                 self._after_step(stage, loss, time.monotonic() - started, bar)
-                stop = interrupted() or (self.cfg.stop_after_steps is not None
-                                         and self.p.step >= self.cfg.stop_after_steps)
-                if stop or time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_every_s:
+                stop_after = self.run_options.stop_after_steps
+                stop = interrupted() or (stop_after is not None and self.p.step >= stop_after)
+                if stop or time.monotonic() - self._last_checkpoint >= self.run_options.checkpoint_every_s:
                     self._save(optimizer)
                 if stop:
                     raise KeyboardInterrupt
@@ -614,12 +538,14 @@ class Recovery:
             with torch.no_grad():
                 torch._foreach_copy_(list(self.student.parameters()), self.ema)
         self.student.eval()
+        bad = [name for name, p in self.student.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDivergedError(f"recovery produced non-finite weights ({bad[0]}{' …' if len(bad) > 1 else ''}); "
+                                        "nothing was saved — lower the learning rate")
         summary = self._summary()
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.out_dir / SUMMARY_FILE, summary)
-            (self.out_dir / STATE_FILE).unlink(missing_ok=True)
-        print(summary_line(summary))
+        checkpoint.remove_state(self.out_dir)  # the caller saves the weights with recovery.json
+        if summary.get("warning"):
+            log.warning("warning: %s", summary["warning"])
         return summary
 
     def _summary(self) -> dict:
@@ -634,28 +560,10 @@ class Recovery:
                        for kind, curve in p.losses.items()},
             "accuracy_curve": p.accuracy_curve, "train_rows": len(self.train),
             "eval_rows": len(self.eval_data) if self.eval_data is not None else 0, "config": self.cfg.to_dict(),
+            "fingerprint": self.fingerprint,
+            **({"warning": f"recovery trained only {p.step} steps: the model is barely changed from the mapping; "
+                           "give more --steps (or a longer --budget)"} if p.step < FEW_STEPS else {}),
         }
-
-
-def format_duration(seconds: float) -> str:
-    """6m41s, 42s, 1h02m."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def summary_line(summary: dict) -> str:
-    """`accuracy 0.9772 vs teacher 0.9785 (−0.13 pt), 6m41s`."""
-    took = format_duration(summary["wall_s"])
-    if summary["final_accuracy"] is None:
-        return f"recovered for {summary['steps']} steps, {took} (no eval data: accuracy not measured)"
-    acc, teacher = summary["final_accuracy"], summary["teacher_accuracy"]
-    diff = 100 * (acc - teacher)
-    sign = "−" if diff < 0 else "+"
-    return f"{summary['metric']} {acc:.4f} vs teacher {teacher:.4f} ({sign}{abs(diff):.2f} pt), {took}"
 
 
 # -------------------------------------------------------------------- public API
@@ -669,69 +577,25 @@ def _check_data(data: Encoded, what: str, num_labels: int) -> None:
 
 def recover(mobilebert, teacher, train_data: Encoded, config: RecoveryConfig | None = None,
             eval_data: Encoded | None = None, out_dir=None, resume: bool = False,
-            head_map: list[list[int]] | None = None, cache_dir=None) -> dict:
-    """Train `mobilebert` (in place) against `teacher`; returns the summary (also out_dir/recovery.json).
+            head_map: list[list[int]] | None = None, run: RunOptions | None = None) -> dict:
+    """Train `mobilebert` (in place) against `teacher` (the source model); returns the summary.
 
-    `train_data`/`eval_data` are tokenised with the teacher's tokenizer (labels optional). `out_dir` holds
-    the checkpoint that `resume=True` continues from. `head_map[l]` lists, for each MobileBERT head of layer
-    l, the teacher head it came from (only `attention_loss='attention_kl_mapped'` uses it). `cache_dir` keeps
-    the teacher's logits on the training data for the next recovery on the same data. On return the
-    model holds the best weights seen on the dev data (the last ones without dev data or with keep="last").
+    `train_data`/`eval_data` are tokenised with the source's tokenizer (labels optional). `out_dir`, when given, holds
+    the checkpoint that `resume=True` continues from (removed when the run ends; saving the weights is the caller's
+    job). `head_map[l]` lists, for each MobileBERT head of layer l, the source head it came from (only
+    `attention_loss='attention_kl_mapped'` uses it). On return the model holds the best weights seen on the dev
+    data (the last ones without dev data or with keep="last"). Raises TrainingDivergedError on a non-finite loss.
     """
-    cfg = config or RecoveryConfig()
+    cfg, run = config or RecoveryConfig(), run or RunOptions()
     n_labels = mobilebert.config.num_labels
     if teacher.config.num_labels != n_labels:
-        raise ShapeMismatchError(f"the teacher has {teacher.config.num_labels} classes, the MobileBERT {n_labels}")
+        raise ShapeMismatchError(f"the source model has {teacher.config.num_labels} classes, the MobileBERT {n_labels}")
     _check_data(train_data, "training", n_labels)
     if eval_data is not None:
         _check_data(eval_data, "eval", n_labels)
-    if cfg.keep not in ("best", "last"):
-        raise ConfigError(f"keep must be 'best' or 'last', not {cfg.keep!r}")
-    if not (0 <= cfg.mix_rows <= 1 and 0 <= cfg.mix_tokens <= 1):
-        raise ConfigError(f"mix_rows and mix_tokens are shares in [0, 1], not {cfg.mix_rows} and {cfg.mix_tokens}")
-    if cfg.ema_decay is not None and not 0 < cfg.ema_decay <= 1:
-        raise ConfigError(f"ema_decay must be in (0, 1], not {cfg.ema_decay}")
-    if cfg.stop_after_steps is not None and out_dir is None:
+    if run.stop_after_steps is not None and out_dir is None:
         raise ConfigError("stop_after_steps needs an out_dir to checkpoint into")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run = Recovery(mobilebert, teacher, train_data, cfg, eval_data, Path(out_dir) if out_dir else None, head_map,
-                   cache_dir)
-    return run.run(resume)
-
-
-def head_map_from(model_dir) -> list[list[int]] | None:
-    """Per layer, the teacher heads the converter kept (conversion.json), if it says."""
-    path = Path(model_dir) / "conversion.json"
-    if not path.is_file():
-        return None
-    layers = json.loads(path.read_text(encoding="utf-8")).get("layers")
-    if not isinstance(layers, list):
-        return None
-    kept = [(layer.get("attention") or {}).get("heads_kept", layer.get("heads_kept")) for layer in layers]
-    return kept if all(isinstance(k, list) for k in kept) else None
-
-
-def recover_checkpoint(model_dir, teacher_path, train_path, eval_path=None, config: RecoveryConfig | None = None,
-                       out_dir=None, resume: bool = False, tokenizer=None) -> dict:
-    """`mbconvert recover`: load a converted folder and its teacher, recover, save (default: in place)."""
-    from .load import load_classifier, load_student
-
-    cfg = config or RecoveryConfig()
-    out = Path(out_dir or model_dir)
-    model, tok = load_classifier(model_dir, tokenizer=tokenizer)
-    source = load_student(teacher_path, tokenizer=tokenizer, require_tokenizer=tok is None)
-    tok = tok or source.tokenizer
-    cache = out / "cache"
-    train = load_encoded(train_path, tok, model.config, max_length=cfg.max_length, cache_dir=cache)
-    eval_data = (load_encoded(eval_path, tok, model.config, max_length=cfg.max_length, cache_dir=cache)
-                 if eval_path else None)
-    head_map = head_map_from(model_dir) if cfg.attention_loss == "attention_kl_mapped" else None
-    summary = recover(model, source.model, train, cfg, eval_data, out_dir=out, resume=resume, head_map=head_map,
-                      cache_dir=cache)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        write_json(tmp / SUMMARY_FILE, summary)
-    log.info("wrote %s", out)
-    return summary
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    return Recovery(mobilebert, teacher, train_data, cfg, eval_data, Path(out_dir) if out_dir else None, head_map,
+                    run).run(resume)

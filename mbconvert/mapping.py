@@ -26,10 +26,8 @@ calibration text, fitted to the student's own activations (least squares on real
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,11 +35,10 @@ from transformers import BertForSequenceClassification, MobileBertConfig, Mobile
 
 from . import linalg
 from .config import ConvertConfig
-from .data import Encoded, encode, label_maps, read_examples
+from .data import Encoded
 from .errors import ConfigError
-from .fileio import atomic_dir, write_json
 from .linalg import F64
-from .load import SourceModel, load_student
+from .load import SourceModel
 
 log = logging.getLogger("mbconvert")
 
@@ -342,6 +339,22 @@ class LayerMapper:
         return acts["context"]
 
     # ---- attention ---------------------------------------------------------------------------
+    def _qk_basis(self, g, xm):
+        """The shared query/key bottleneck in whitened input coordinates: the b directions that best preserve
+        the kept heads' q and k rows `g` (g·root's top right singular vectors). When the heads span fewer than
+        b directions (small heads: 2 × head size × kept heads < b), the input's next principal directions fill
+        the rest, so the basis is always b well-defined, deterministic directions.
+        Returns (root, inv_root, basis (H × b), singular values)."""
+        m2 = linalg.second_moment(xm, self.H)
+        root, inv_root = linalg.sqrt_and_inv_sqrt(m2)
+        _, sv, vt = torch.linalg.svd(g @ root, full_matrices=False)
+        basis = vt[: self.b][linalg.significant(sv[: self.b], sv)].T
+        if basis.shape[1] < self.b:  # whitening keeps m2's eigenvectors: they are the input's principal axes
+            vals, vecs = torch.linalg.eigh(m2)
+            principal = vecs[:, torch.argsort(vals, descending=True, stable=True)]
+            basis = linalg.complete_basis(basis, self.b, principal)
+        return root, inv_root, basis, sv
+
     def _attention(self, acts, x_seq, xm, mask4d, be1) -> torch.Tensor | None:
         t, m, d, dd = self.t, self.m, self.d, self.d_out
         wq, bq = self.w(t.attention.self.query)
@@ -350,12 +363,8 @@ class LayerMapper:
         wo, bo = self.w(t.attention.output.dense)
         kept = torch.argsort(self.head_importance, descending=True, stable=True)[: self.heads].sort().values
         rows = lambda j: slice(j * d, (j + 1) * d)  # noqa: E731
-        # shared query/key bottleneck: the b directions that best preserve the kept heads' q and k
-        m2 = linalg.second_moment(xm, self.H)
-        root, inv_root = linalg.sqrt_and_inv_sqrt(m2)
         g = torch.cat([torch.cat([wq[rows(j)], wk[rows(j)]]) for j in kept.tolist()])
-        _, sv, vt = torch.linalg.svd(g @ root, full_matrices=False)
-        basis = vt[: self.b].T  # (H, b) in whitened coordinates
+        root, inv_root, basis, sv = self._qk_basis(g, xm)
         reduce, expand = basis.T @ inv_root, root @ basis  # u = reduce·x, x ≈ expand·u
         set_linear(m.bottleneck.attention.dense, reduce, None)
         set_identity_norm(m.bottleneck.attention.LayerNorm)
@@ -391,7 +400,7 @@ class LayerMapper:
         self.report["attention"] = {
             "heads_kept": kept.tolist(),
             "importance_kept": float(self.head_importance[kept].sum() / self.head_importance.sum().clamp_min(1e-30)),
-            "qk_bottleneck_energy": float((sv[: self.b] ** 2).sum() / (sv ** 2).sum()),
+            "qk_bottleneck_energy": float((sv[: self.b] ** 2).sum() / (sv ** 2).sum().clamp_min(1e-30)),
             "qk_energy_per_head": qk_energy, "ov_energy_per_head": ov_energy}
         if acts is None:
             return None
@@ -514,54 +523,3 @@ def evaluate_mapping(teacher, mobile, encoded: Encoded, seed: int = 0) -> dict:
             result["student_accuracy"] = float((cmp.logits_a.argmax(-1) == encoded.labels).float().mean())
     result["texts"] = len(encoded)
     return result
-
-
-def convert(source, out_dir=None, config: ConvertConfig | None = None, calib=None, tokenizer=None, labels=None,
-            train=None, eval_data=None, recovery=None, resume: bool = False) -> dict:
-    """Load → map → (measure) → save. With `train`, then recover (mbconvert.recover)."""
-    config = config or ConvertConfig()
-    source_path = Path(source)
-    out = Path(out_dir) if out_dir else source_path.parent / f"{source_path.stem}-mobilebert"
-    src = load_student(source, heads=config.heads, tokenizer=tokenizer, labels=labels, seed=config.seed)
-    if not (resume and (out / "conversion.json").is_file()):
-        calib_enc = held_out = None
-        if calib and config.calib_samples > 0:
-            label2id, n = label_maps(src.config)
-            examples = read_examples(calib, label2id=label2id, num_labels=n)
-            shuffled = examples.shuffled(seed=config.seed)
-            calib_enc = encode(shuffled.take(slice(0, config.calib_samples)), src.tokenizer,
-                               max_length=config.calib_max_length, cap=min(128, src.config.max_position_embeddings))
-            if len(shuffled) > config.calib_samples:
-                held_out = encode(shuffled.take(slice(config.calib_samples, config.calib_samples + 256)), src.tokenizer,
-                                  max_length=calib_enc.max_length)
-        log.info("mapping %s (%s, %d layers, hidden %d, %d heads) → MobileBERT bottleneck %d, %d FFNs",
-                 source, src.family, src.config.num_hidden_layers, src.config.hidden_size,
-                 src.config.num_attention_heads, config.bottleneck, config.ffn)
-        mobile, report = MobileBERTAdapter(config).convert(src, calib_enc)
-        report = {"source": {"path": str(source), "family": src.family, "has_head": src.has_head,
-                             "ignored_keys": src.ignored_keys, "hidden_size": src.config.hidden_size,
-                             "num_attention_heads": src.config.num_attention_heads,
-                             "intermediate_size": src.config.intermediate_size,
-                             "num_hidden_layers": src.config.num_hidden_layers},
-                  "config": config.to_dict(), **report}
-        if held_out is not None:
-            report["evaluation"] = evaluate_mapping(src.model, mobile, held_out, config.seed)
-            ev = report["evaluation"]
-            log.info("before recovery, on %d held-out calibration texts: agreement with the student %.3f "
-                     "(random init %.3f); last-layer cosine %.3f (random init %.3f)", ev["texts"],
-                     ev["converted"]["agreement"], ev["random_init"]["agreement"],
-                     ev["converted"]["layer_cosine"][-1], ev["random_init"]["layer_cosine"][-1])
-        with atomic_dir(out) as tmp:
-            mobile.save_pretrained(str(tmp), safe_serialization=True)
-            src.tokenizer.save_pretrained(str(tmp))
-            write_json(tmp / "conversion.json", report)
-        log.info("wrote %s", out)
-    else:
-        report = json.loads((out / "conversion.json").read_text(encoding="utf-8"))
-    if train:
-        from .recover import recover_checkpoint
-
-        report["recovery"] = recover_checkpoint(out, source, train, eval_path=eval_data, config=recovery,
-                                                out_dir=out, resume=resume, tokenizer=tokenizer)
-    return report
-
