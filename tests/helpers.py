@@ -114,3 +114,25 @@ def to_uer(state_dict: dict) -> dict:
         elif k.startswith("classifier."):
             out["output_layer_2." + k.rsplit(".", 1)[1]] = v
     return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def save_student_pt(model, tokenizer, folder: Path) -> Path:
+    """A bare state dict `student.pt` with its tokenizer files and `labels.json` beside it (what a user has)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / "student.pt")
+    tokenizer.save_pretrained(str(folder))
+    (folder / "labels.json").write_text(json.dumps(LABELS[:model.config.num_labels]), encoding="utf-8")
+    return folder / "student.pt"
+
+
+def folder_state(root: Path) -> dict[str, str]:
+    """Every file under `root` (relative path → sha256 of its bytes), so a test can prove nothing changed."""
+    import hashlib
+
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

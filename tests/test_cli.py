@@ -174,3 +174,59 @@ def test_recover_flags_reach_the_recovery_config_and_defaults_come_from_it():
                 "--layerwise-share", "0", "--keep-last")
     assert (cfg.budget_s, cfg.tolerance, cfg.mix_rows, cfg.ema_decay, cfg.bf16, cfg.layerwise_share, cfg.keep) == \
         (600.0, None, 0.5, 0.995, True, 0.0, "last")
+
+
+# -------------------------------------------------------------------- the help a new user reads
+def test_help_lists_the_subcommands_and_shows_every_default_from_the_config(capsys):
+    from mbconvert.cli import COMMANDS, build_parser
+    from mbconvert.config import ConvertConfig, RecoveryConfig
+
+    assert main([]) == 2
+    text = capsys.readouterr().out
+    assert all(f"  {name} " in text for name in COMMANDS)
+    help_text = build_parser("convert").format_help()
+    assert f"(default: {ConvertConfig().bottleneck})" in help_text
+    assert f"(default: {RecoveryConfig().mix_rows})" in help_text  # a zero default is shown too
+    for command in COMMANDS:
+        parser = build_parser(command)
+        undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+        assert not undocumented, (command, undocumented)
+
+
+def test_the_stated_default_output_folder_is_the_real_one(student_pt, tmp_path, capsys):
+    from mbconvert.cli import build_parser
+
+    output = next(a for a in build_parser("convert")._actions if "--output" in a.option_strings)
+    assert "<source>-mobilebert beside the source" in output.help
+    d = tmp_path / "in"
+    d.mkdir()
+    for f in student_pt.parent.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    assert run_cli([d / "student.pt", "--bottleneck", "64"], capsys)[0] == 0
+    assert (d / "student-mobilebert" / "config.json").is_file()
+
+
+def test_version_python_m_and_did_you_mean(capsys):
+    import subprocess
+    import sys
+
+    import mbconvert
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and mbconvert.__version__ in capsys.readouterr().out
+    code, _, err = run_cli(["chek", "out/"], capsys)
+    assert code == 2 and "did you mean `mbconvert check`" in err
+    done = subprocess.run([sys.executable, "-m", "mbconvert", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and mbconvert.__version__ in done.stdout
+
+
+def test_public_functions_are_functions_even_after_their_modules_are_imported():
+    """`from mbconvert import recover` once returned the submodule (shadowing the lazy attribute)."""
+    import importlib
+
+    import mbconvert
+
+    for name, module in mbconvert._LAZY.items():
+        importlib.import_module(f"mbconvert.{module}")
+        assert callable(getattr(mbconvert, name)) and not isinstance(getattr(mbconvert, name), type(mbconvert)), name

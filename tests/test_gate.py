@@ -15,7 +15,7 @@ from transformers import BertForSequenceClassification
 from mbconvert.cli import main
 from mbconvert.config import GateConfig
 from mbconvert.errors import ConfigError, DataError
-from mbconvert.gate import gate
+from mbconvert.gating import gate
 
 CHECK_FAST = ["--repeats", "2", "--threads", "1"]
 

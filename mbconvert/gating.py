@@ -130,7 +130,8 @@ def _same_data(report: dict, baseline: dict, report_path, baseline_path) -> None
     if a.get("labels") != b.get("labels"):
         raise DataError(f"{report_path} and {baseline_path} have different labels: {a.get('labels')} vs "
                         f"{b.get('labels')}")
-    ha, hb = (r["models"].get("original", {}).get("weights_sha256") for r in (report, baseline))
+    ha, hb = (r["models"]["original"].get("weights_sha256") if isinstance(r["models"].get("original"), dict)
+              else None for r in (report, baseline))
     if ha and hb and ha != hb:
         raise DataError(f"{report_path} and {baseline_path} were checked against a different original model "
                         "(weights_sha256 differs): regenerate the baseline against the same original")
