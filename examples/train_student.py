@@ -27,7 +27,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from mbconvert.data import read_rows, choose_max_length, encode, label_names_for, read_examples
 from mbconvert.errors import MbconvertError
-from mbconvert.fileio import atomic_dir, write_json
+from mbconvert.fileio import atomic_dir, atomic_torch_save, write_json
 from mbconvert.load import load_classifier, load_tokenizer
 from mbconvert.similarity import predict_logits
 from mbconvert.train import scores, train_classifier
@@ -132,7 +132,7 @@ def teacher_logits(a, names, examples, cache: Path) -> torch.Tensor:
     print(f"teacher logits for {len(examples)} rows (cached in {file})", flush=True)
     logits = predict_logits(teacher, encode(examples, ttok, cache_dir=cache))[:, cols]
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save(logits, file)
+    atomic_torch_save(logits, file)
     return logits
 
 
@@ -181,9 +181,7 @@ def main(argv=None) -> int:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_json(tmp / "train_summary.json", summary)
-    tmp_pt = pt.with_name(f".{pt.name}.tmp")
-    torch.save(model.state_dict(), tmp_pt)
-    os.replace(tmp_pt, pt)
+    atomic_torch_save(model.state_dict(), pt)
     try:  # the seed's format: a state dict with tokenizer (+ labels.json) beside it, unless another one is there
         other = load_tokenizer(pt.parent).get_vocab() != tok.get_vocab()
     except MbconvertError:

@@ -1,13 +1,14 @@
-"""Stage 4 — check: prove a converted model is as good as its original, on the same data, in the same run.
+"""Stage 4 — check: prove a converted model is as good as its source model, on the same data, in the same run.
 
-CompatibilityTestSuite measures both classifiers (any two with the same label set): accuracy, macro-F1,
-per-class precision/recall/F1, agreement and the most frequent disagreements; the accuracy difference in points
-with its uncertainty from the paired predictions (exact McNemar test, paired-bootstrap 95% interval); latency
-(torch.utils.benchmark: median and IQR over many measurements after warm-up, at fixed batch sizes and the data's
-sequence length, torch threads pinned, the machine recorded); size (parameters, safetensors bytes, peak resident
-memory of a forward pass); per-layer hidden-state and head-averaged attention similarity (eager attention is forced
-for the run, since sdpa returns no attention maps). The result is one JSON-able dict — report.json — that every
-rendering (mbconvert.report) and the regression gate (mbconvert.gating) read.
+CompatibilityTestSuite measures both classifiers — the user's *source* model and the *converted* one (any two with
+the same label set): accuracy, macro-F1, per-class precision/recall/F1, agreement and the most frequent
+disagreements; the accuracy difference in points with its uncertainty from the paired predictions (exact McNemar
+test, paired-bootstrap 95% interval); latency (torch.utils.benchmark: median and IQR over many measurements after
+warm-up, at fixed batch sizes and the data's sequence length, torch threads pinned, the machine recorded); size
+(parameters, safetensors bytes, peak resident memory of a forward pass); per-layer hidden-state and head-averaged
+attention similarity (eager attention is forced for the run, since sdpa returns no attention maps). The result is
+one JSON-able dict — report.json — that every rendering (mbconvert.report) and the regression gate
+(mbconvert.gating) read.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .config import CheckConfig
 from .data import Encoded
@@ -63,20 +65,21 @@ class CheckResult:
 
 
 class CompatibilityTestSuite:
-    """Measure an original classifier and its conversion side by side (see the module docstring)."""
+    """Measure a source classifier and its conversion side by side (see the module docstring). `source` and
+    `converted` are models (any two with the same labels); the *_path arguments are only recorded in the report."""
 
-    def __init__(self, original, converted, test_data: Encoded, config: CheckConfig = CheckConfig(),
-                 tokenizer=None, original_path=None, converted_path=None, data_path=None):
+    def __init__(self, source, converted, test_data: Encoded, config: CheckConfig = CheckConfig(),
+                 tokenizer=None, source_path=None, converted_path=None, data_path=None):
         if test_data.labels is None:
             raise DataError("the check needs labelled test data (a 'label' column)")
         if len(test_data) == 0:
             raise DataError("the test data has no rows")
-        self.models = {"original": original.eval(), "converted": converted.eval()}
-        self.labels = label_names(original.config, converted.config)
+        self.models = {"source": source.eval(), "converted": converted.eval()}
+        self.labels = label_names(source.config, converted.config)
         self.data = test_data
         self.config = config
         self.tokenizer = tokenizer
-        self.paths = {"original": original_path, "converted": converted_path, "data": data_path}
+        self.paths = {"source": source_path, "converted": converted_path, "data": data_path}
 
     def run(self) -> CheckResult:
         """Pin torch threads (latency depends on them) and eager attention (only eager returns attention maps) for
@@ -94,11 +97,11 @@ class CompatibilityTestSuite:
 
     def _measure(self, threads: int) -> dict:
         cfg, gold = self.config, self.data.labels
-        preds = {side: predict_logits(m, self.data, cfg.batch_size).argmax(-1).cpu()
+        preds = {side: predict_logits(m, self.data, cfg.batch_size, desc=f"check: {side} predictions").argmax(-1).cpu()
                  for side, m in self.models.items()}
         seq_len = cfg.max_length or self.data.max_length
         models = {side: self._model_report(side, preds[side].tolist(), threads, seq_len) for side in self.models}
-        accuracy = paired_accuracy((preds["original"] == gold).numpy(), (preds["converted"] == gold).numpy(),
+        accuracy = paired_accuracy((preds["source"] == gold).numpy(), (preds["converted"] == gold).numpy(),
                                    cfg.tolerance, cfg.two_sided)
         return {
             "schema_version": SCHEMA_VERSION,
@@ -107,8 +110,8 @@ class CompatibilityTestSuite:
             "tolerance": cfg.tolerance,
             "two_sided": cfg.two_sided,
             "accuracy": accuracy,
-            "agreement": float((preds["original"] == preds["converted"]).float().mean()),
-            "disagreements": top_disagreements(preds["original"].tolist(), preds["converted"].tolist(), self.labels),
+            "agreement": float((preds["source"] == preds["converted"]).float().mean()),
+            "disagreements": top_disagreements(preds["source"].tolist(), preds["converted"].tolist(), self.labels),
             "warnings": ([accuracy["warning"]] if accuracy["warning"] else []) + noisy_latency_warnings(models),
             "models": models,
             "similarity": self._similarity(),
@@ -124,7 +127,8 @@ class CompatibilityTestSuite:
     def _model_report(self, side: str, pred: list[int], threads: int, seq_len: int) -> dict:
         cfg, model = self.config, self.models[side]
         latency = [measure_latency(model, self.data, b, seq_len, cfg.latency_warmup, cfg.latency_repeats, threads,
-                                   cfg.latency_min_run_s) for b in cfg.latency_batch_sizes]
+                                   cfg.latency_min_run_s)
+                   for b in tqdm(cfg.latency_batch_sizes, desc=f"check: {side} latency", unit="batch size", leave=False)]
         return {"class": type(model).__name__,
                 "attn_implementation": getattr(model.config, "_attn_implementation", None),
                 "weights_sha256": weights_sha256(model),
@@ -137,7 +141,7 @@ class CompatibilityTestSuite:
         n = min(self.config.similarity_samples, len(self.data))
         d = self.data
         sample = Encoded(d.input_ids[:n], d.attention_mask[:n], d.token_type_ids[:n], d.labels[:n])
-        a, b = self.models["original"], self.models["converted"]
+        a, b = self.models["source"], self.models["converted"]
         same_width = a.config.hidden_size == b.config.hidden_size
         c = compare(a, b, sample, batch_size=min(32, self.config.batch_size), layers=same_width)
         notes = []
@@ -181,7 +185,7 @@ def label_names(config_a, config_b) -> list[str]:
     a, b = names(config_a), names(config_b)
     generic = [f"LABEL_{i}" for i in range(len(a))]
     if len(a) != len(b) or (a != b and generic not in (a, b)):
-        raise ShapeMismatchError(f"the models' labels differ: original {a}, converted {b}")
+        raise ShapeMismatchError(f"the models' labels differ: source {a}, converted {b}")
     return b if a == generic else a
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .cache import content_key
 from .errors import ConfigError
-from .fileio import atomic_torch_save, safe_torch_load
+from .fileio import atomic_torch_save
+from .safeload import safe_torch_load
 
 STATE_FILE = "recovery_state.pt"
 

@@ -112,7 +112,7 @@ def train_demo_student(data: Path, out: Path, tok, seed: int) -> Path:
                      id2label=dict(enumerate(names)), label2id=label2id)
     model = BertForSequenceClassification(cfg)
     log.info("[1/5] training a student (4 layers, hidden 256, 4 heads) on %d texts", len(train))
-    summary = train_classifier(model, train, dev, epochs=1.0, lr=1e-3, seed=seed, desc="student")
+    summary = train_classifier(model, train, dev, epochs=1.0, lr=5e-4, seed=seed, desc="student")
     with atomic_dir(folder) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))

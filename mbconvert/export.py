@@ -1,4 +1,5 @@
 """Stage 5 — export: ONNX (FP32 and INT8) and Core ML artifacts, each checked against the PyTorch model.
+This module holds the shared parts and ONNX; Core ML is in mbconvert.coreml.
 
 Every format is exported from `LogitsWrapper`, a thin module `(input_ids, attention_mask, token_type_ids) ->
 logits` that calls the model's own submodules but builds the 4-D additive attention mask itself:
@@ -11,12 +12,9 @@ inside the functions that need them so that the rest of mbconvert works without 
 
 from __future__ import annotations
 
-import copy
 import importlib
 import logging
-import platform
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,16 +26,16 @@ from torch import nn
 
 from .config import EXPORT_FORMATS, ExportConfig
 from .data import Encoded
+from .environment import versions
 from .errors import ConfigError, MissingDependencyError
 
 log = logging.getLogger("mbconvert")
 SCHEMA_VERSION = 1
 FORMATS = EXPORT_FORMATS
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-FP16_MAX = 65504.0
-FP16_MASK_VALUE = -3.0e4  # large enough to zero a softmax term, small enough not to overflow FP16
 SYNTHETIC_BATCH, SYNTHETIC_LEN = 8, 128
 NEEDS = {"onnx": ("onnx", "onnxruntime"), "onnx-int8": ("onnx", "onnxruntime"), "coreml": ("coremltools",)}
+BACKENDS = ("onnx", "onnxruntime", "coremltools")  # their versions go into export.json
 
 
 class LogitsWrapper(nn.Module):
@@ -45,7 +43,8 @@ class LogitsWrapper(nn.Module):
 
     Positions are 0..n-1 in every row, as transformers numbers them for BERT and MobileBERT.
     `mask_value` is what masked positions add to the attention scores: float32's minimum reproduces
-    transformers exactly; FP16 Core ML needs a value that stays finite once cast to half precision.
+    transformers exactly; FP16 Core ML needs a value that stays finite once cast to half precision
+    (mbconvert.coreml.FP16_MASK_VALUE).
     """
 
     def __init__(self, model: nn.Module, mask_value: float = torch.finfo(torch.float32).min):
@@ -229,121 +228,7 @@ def latencies(path: Path, seq_len: int, config: ExportConfig) -> dict:
             for b in config.latency_batch_sizes}
 
 
-# ------------------------------------------------------------------------------------------- Core ML
-
-@torch.no_grad()
-def _activation_stats(wrapper: LogitsWrapper, feeds: list[torch.Tensor]) -> tuple[float, bool]:
-    """(peak |output|, all outputs finite) over every submodule's floating-point output."""
-    peak, finite = 0.0, True
-
-    def hook(_module, _inp, out):
-        nonlocal peak, finite
-        if isinstance(out, torch.Tensor) and out.is_floating_point():
-            peak = max(peak, float(out.abs().max()))
-            finite = finite and bool(torch.isfinite(out).all())
-
-    handles = [m.register_forward_hook(hook) for m in wrapper.modules()]
-    try:
-        wrapper.eval()(*feeds)
-    finally:
-        for h in handles:
-            h.remove()
-    return peak, finite
-
-
-def fp16_check(model: nn.Module, inputs: Inputs) -> dict:
-    """Does the model survive FP16? Peak |activation| in FP32 vs 65504, and a real FP16 run for inf/NaN.
-
-    The peak catches overflows that tanh/softmax would hide; the FP16 run catches ones inside attention.
-    """
-    feeds = [torch.from_numpy(v) for v in inputs.feeds().values()]
-    fp32_peak, _ = _activation_stats(LogitsWrapper(model), feeds)
-    _, finite = _activation_stats(LogitsWrapper(copy.deepcopy(model).half(), FP16_MASK_VALUE), feeds)
-    return {"peak_abs_activation": fp32_peak, "fp16_finite": finite, "ok": fp32_peak < FP16_MAX and finite}
-
-
-def _convert(traced, inputs: Inputs, config: ExportConfig, use_fp16: bool, max_positions: int):
-    """ct.convert with int32 inputs of batch 1 and a flexible (range) or fixed sequence length."""
-    import coremltools as ct
-
-    max_len = min(config.max_seq_len, max_positions)
-    seq = config.seq_len or ct.RangeDim(1, max_len, default=min(inputs.seq_len, max_len))
-    return ct.convert(
-        traced, convert_to="mlprogram",
-        inputs=[ct.TensorType(name=name, shape=(1, seq), dtype=np.int32) for name in INPUT_NAMES],
-        outputs=[ct.TensorType(name="logits")],
-        compute_precision=ct.precision.FLOAT16 if use_fp16 else ct.precision.FLOAT32,
-        minimum_deployment_target=ct.target.iOS16 if config.coreml_quantize else ct.target.iOS15)
-
-
-def export_coreml(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig) -> dict:
-    """ML Program with FP16 compute unless the model overflows FP16; batch 1, flexible or fixed length."""
-    report: dict = {}
-    use_fp16 = config.coreml_precision == "fp16"
-    if use_fp16:
-        report["fp16_check"] = check = fp16_check(model, inputs)
-        if not check["ok"]:
-            use_fp16 = False
-            report["warning"] = (
-                f"FP16 would overflow (peak |activation| {check['peak_abs_activation']:.3g} vs {FP16_MAX:g}, "
-                f"finite in FP16: {check['fp16_finite']}): Core ML model exported with FP32 compute precision")
-    wrapper = LogitsWrapper(model, FP16_MASK_VALUE if use_fp16 else torch.finfo(torch.float32).min).eval()
-    example = tuple(torch.from_numpy(v[:1]) for v in inputs.feeds().values())
-    # coremltools' numpy warnings are benign here: a cast overflow in its range analysis, and 0/0 scales for
-    # all-zero weight rows (the padding embedding) that dequantise to exactly 0 anyway
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        traced = torch.jit.trace(wrapper, example)
-        mlmodel = _convert(traced, inputs, config, use_fp16, model.config.max_position_embeddings)
-        if config.coreml_quantize:
-            from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OptimizationConfig,
-                                                     linear_quantize_weights)
-
-            mlmodel = linear_quantize_weights(mlmodel, OptimizationConfig(
-                global_config=OpLinearQuantizerConfig(mode="linear_symmetric")))
-    mlmodel.save(str(path))
-    report.update(precision="fp16" if use_fp16 else "fp32", weights_8bit=config.coreml_quantize)
-    return report
-
-
-def inspect_coreml(path: Path) -> dict:
-    """What Linux can check: the spec loads; input/output names and shapes; MIL op count; weight bytes."""
-    import coremltools as ct
-
-    ct.models.MLModel(str(path), skip_model_load=True)
-    spec = ct.utils.load_spec(str(path))
-
-    def describe(feature) -> dict:
-        arr = feature.type.multiArrayType
-        ranges = [[r.lowerBound, r.upperBound] for r in arr.shapeRange.sizeRanges]
-        return {"name": feature.name, "shape": list(arr.shape), "ranges": ranges or None}
-
-    blocks = spec.mlProgram.functions["main"].block_specializations.values()
-    weights = path / "Data" / "com.apple.CoreML" / "weights"
-    return {"inputs": [describe(f) for f in spec.description.input],
-            "outputs": [describe(f) for f in spec.description.output],
-            "mil_ops": sum(len(b.operations) for b in blocks),
-            "weights_mb": size_mb(weights) if weights.exists() else 0.0,
-            "spec_version": spec.specificationVersion}
-
-
-def coreml_logits(path: Path, inputs: Inputs) -> np.ndarray:
-    """Predictions one row at a time (the package takes batch 1); only possible on macOS."""
-    import coremltools as ct
-
-    mlmodel = ct.models.MLModel(str(path))
-    rows = [mlmodel.predict({k: v.astype(np.int32) for k, v in inputs.feeds(i, i + 1).items()})["logits"]
-            for i in range(len(inputs.input_ids))]
-    return np.concatenate([np.asarray(r).reshape(1, -1) for r in rows])
-
-
 # ---------------------------------------------------------------------------------------------- main
-
-def _versions() -> dict:
-    names = ("torch", "transformers", "onnx", "onnxruntime", "coremltools")
-    found = {n: getattr(sys.modules.get(n), "__version__", None) for n in names}
-    return {"python": platform.python_version(), "platform": platform.platform(), **found}
-
 
 def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray, config: ExportConfig) -> dict:
     """model.onnx and model.int8.onnx; parity, accuracy, size and latency.
@@ -378,21 +263,6 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
             out["onnx-int8"]["warning"] = (f"INT8 loses {drop:.2f} points of accuracy vs FP32 ({basis}), "
                                            f"more than the tolerance {config.tolerance:g} points")
     return out
-
-
-def export_coreml_format(model, tmp: Path, inputs: Inputs, reference: np.ndarray, config: ExportConfig) -> dict:
-    path = tmp / "model.mlpackage"
-    report = export_coreml(model, path, inputs, config)
-    report.update(file=path.name, size_mb=size_mb(path), spec=inspect_coreml(path))
-    if platform.system() == "Darwin":
-        exact = report["precision"] == "fp32" and not config.coreml_quantize
-        atol = config.parity_atol if exact else 1e-2 * float(np.abs(reference).max())  # FP16/8-bit: 1% of range
-        report["parity"] = compare(reference, coreml_logits(path, inputs), atol)
-    else:
-        report["parity"] = None
-        report["note"] = (f"Core ML predictions need macOS (this is {platform.system()}): the package was "
-                          "validated by its spec only, prediction parity was not measured")
-    return report
 
 
 def render_summary(report: dict) -> str:
@@ -432,13 +302,15 @@ def export_model(model, folder: Path, config: ExportConfig | None = None, data: 
     report = {"schema_version": SCHEMA_VERSION, "source": source,
               "model": {"type": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
                         "num_labels": model.config.num_labels},
-              "config": config.to_dict(), "versions": _versions(),
+              "config": config.to_dict(), "versions": versions(*BACKENDS),
               "inputs": {"source": inputs.source, "rows": len(inputs.input_ids), "seq_len": inputs.seq_len,
                          "labelled": inputs.labels is not None, "pytorch_accuracy": accuracy(reference, inputs.labels)},
               "artifacts": {}}
     if {"onnx", "onnx-int8"} & set(config.formats):
         report["artifacts"].update(export_onnx_formats(model, folder, inputs, reference, config))
     if "coreml" in config.formats:
+        from .coreml import export_coreml_format  # imports this module: loaded only when needed
+
         report["artifacts"]["coreml"] = export_coreml_format(model, folder, inputs, reference, config)
     report["warnings"] = [f"{fmt}: {a['warning']}" for fmt, a in report["artifacts"].items() if a.get("warning")]
     for warning in report["warnings"]:

@@ -2,7 +2,7 @@
 
 Only the converted model's numbers are compared: accuracy always (a drop in points against `tolerance`); batch-1
 latency and file size against optional ratios. Reports that cannot be compared are bad input (DataError, exit 2),
-not a regression: measured on other test data or labels, or against another original model. A latency bound also
+not a regression: measured on other test data or labels, or against another source model. A latency bound also
 needs both reports timed on the same machine with the same torch threads (ConfigError otherwise): a latency ratio
 across machines measures the machines. Reading a report needs no torch, so the gate is fast in CI.
 """
@@ -99,9 +99,12 @@ def load_report(path: str | Path) -> dict:
         raise DataError(f"{path}: not a readable report.json ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(report, dict) or "schema_version" not in report:
         raise DataError(f"{path}: not an mbconvert report (no schema_version)")
-    if report["schema_version"] != SCHEMA_VERSION:
-        raise DataError(f"{path}: report schema {report['schema_version']!r}, this mbconvert reads "
-                        f"{SCHEMA_VERSION}; rerun `mbconvert check` to regenerate it")
+    version = report["schema_version"]
+    if version != SCHEMA_VERSION:
+        numbered = isinstance(version, int) and not isinstance(version, bool)
+        which = ("an older" if version < SCHEMA_VERSION else "a newer") if numbered else "another"
+        raise DataError(f"{path}: report schema {version!r} is from {which} mbconvert (this one reads schema "
+                        f"{SCHEMA_VERSION}); rerun `mbconvert check` to regenerate it")
     _number(report, "models.converted.accuracy", path, 0, 1)
     _number(report, "models.converted.size.file_bytes", path, 1, integer=True)
     latency = _get(report, "models.converted.latency", path)
@@ -120,7 +123,7 @@ def load_report(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------------------------- comparability
 
 def _same_data(report: dict, baseline: dict, report_path, baseline_path) -> None:
-    """Accuracy on different data, labels or against another original model says nothing about drift; refuse
+    """Accuracy on different data, labels or against another source model says nothing about drift; refuse
     rather than pass or fail wrongly. Compares what both reports record."""
     a, b = report["inputs"], baseline["inputs"]
     key = "data_sha256" if a.get("data_sha256") and b.get("data_sha256") else "tokens_sha256"
@@ -130,11 +133,11 @@ def _same_data(report: dict, baseline: dict, report_path, baseline_path) -> None
     if a.get("labels") != b.get("labels"):
         raise DataError(f"{report_path} and {baseline_path} have different labels: {a.get('labels')} vs "
                         f"{b.get('labels')}")
-    ha, hb = (r["models"]["original"].get("weights_sha256") if isinstance(r["models"].get("original"), dict)
+    ha, hb = (r["models"]["source"].get("weights_sha256") if isinstance(r["models"].get("source"), dict)
               else None for r in (report, baseline))
     if ha and hb and ha != hb:
-        raise DataError(f"{report_path} and {baseline_path} were checked against a different original model "
-                        "(weights_sha256 differs): regenerate the baseline against the same original")
+        raise DataError(f"{report_path} and {baseline_path} were checked against a different source model "
+                        "(weights_sha256 differs): regenerate the baseline against the same source")
 
 
 def _same_machine(report: dict, baseline: dict, report_path, baseline_path) -> None:

@@ -6,7 +6,7 @@ transformers model (`source_from_model`). A file's type is read from its bytes, 
 renamed to Hugging Face BertForSequenceClassification's keys (see mbconvert.adapters), the architecture is
 inferred from tensor shapes, config.json is checked against them, every shape is asserted, and a
 BertForSequenceClassification is built. Nothing is unpickled beyond weights_only=True, and declared tensor
-sizes are checked against the file before anything is materialised (mbconvert.fileio.safe_torch_load).
+sizes are checked against the file before anything is materialised (mbconvert.safeload.safe_torch_load).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from . import adapters
 from .errors import (CorruptFileError, NonFiniteWeightsError, ShapeMismatchError, TokenizerError,
                      UnknownArchitectureError)
-from .fileio import safe_torch_load, weights_format
+from .safeload import safe_torch_load, weights_format
 from .sourceconfig import (check_config_matches, class_names, label_names_for, parse_id2label,
                            read_config, read_label_names, validate_config)
 

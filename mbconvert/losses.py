@@ -44,13 +44,14 @@ def hidden_mse(student: Tensor, teacher: Tensor, mask: Tensor, projection: torch
     return (((student - teacher.to(student.dtype)) ** 2) * m).sum() / (m.sum() * student.shape[-1]).clamp_min(1)
 
 
-def _masked_row_kl(log_p: Tensor, log_q: Tensor, mask: Tensor) -> Tensor:
-    """KL(p ‖ q) of each (…, query, key) row over real keys, averaged over real query rows and heads."""
+def masked_row_kl(log_p: Tensor, log_q: Tensor, mask: Tensor, reduction: str = "mean") -> Tensor:
+    """KL(p ‖ q) of each (B, H, query, key) row over real keys, averaged (or, reduction="sum", summed) over real
+    query rows and heads. The one masked attention KL: recovery's losses and mbconvert.similarity use it."""
     keys = mask[:, None, None, :].bool()
     terms = torch.where(keys, log_p.exp() * (log_p - log_q), torch.zeros((), dtype=log_p.dtype, device=log_p.device))
     kl = terms.sum(-1)  # (B, H, T)
     rows = mask[:, None, :].bool().expand_as(kl)
-    return kl[rows].mean()
+    return kl[rows].sum() if reduction == "sum" else kl[rows].mean()
 
 
 def _relation_log_probs(x: Tensor, heads: int, mask: Tensor) -> Tensor:
@@ -71,18 +72,19 @@ def relation_kl(student: tuple[Tensor, Tensor, Tensor], teacher: tuple[Tensor, T
     `student`/`teacher` are the (q, k, v) projection outputs of one layer, each (B, T, width); the widths
     may differ between the models (and between q/k and v inside MobileBERT).
     """
-    losses = [_masked_row_kl(_relation_log_probs(t, heads, mask), _relation_log_probs(s, heads, mask), mask)
+    losses = [masked_row_kl(_relation_log_probs(t, heads, mask), _relation_log_probs(s, heads, mask), mask)
               for s, t in zip(student, teacher)]
     return torch.stack(losses).mean()
 
 
-def _log_probs(attention: Tensor) -> Tensor:
+def log_probs(attention: Tensor) -> Tensor:
+    """log of attention probabilities in float32, zeros clamped to 1e-12 (finite, and 0·log 0 terms stay 0)."""
     return attention.float().clamp_min(1e-12).log()
 
 
 def attention_kl_mean_heads(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
     """KL(teacher ‖ student) of head-averaged attention maps (B, H, T, T) → scalar."""
-    return _masked_row_kl(_log_probs(teacher.mean(1, keepdim=True)), _log_probs(student.mean(1, keepdim=True)), mask)
+    return masked_row_kl(log_probs(teacher.mean(1, keepdim=True)), log_probs(student.mean(1, keepdim=True)), mask)
 
 
 def attention_kl_mapped(student: Tensor, teacher: Tensor, mask: Tensor, head_map: list[int]) -> Tensor:
@@ -92,7 +94,7 @@ def attention_kl_mapped(student: Tensor, teacher: Tensor, mask: Tensor, head_map
     if max(head_map) >= teacher.shape[1] or min(head_map) < 0:
         raise ConfigError(f"head map {head_map} names heads the teacher ({teacher.shape[1]} heads) lacks")
     chosen = teacher[:, list(head_map)]
-    return _masked_row_kl(_log_probs(chosen), _log_probs(student), mask)
+    return masked_row_kl(log_probs(chosen), log_probs(student), mask)
 
 
 def kd_logits(student: Tensor, teacher: Tensor, temperature: float = 3.0) -> Tensor:

@@ -261,15 +261,17 @@ def check_checkpoint(model, against, data, config: CheckConfig | None = None, re
 
     config = config or CheckConfig()
     converted, tok = load_classifier(model, tokenizer=tokenizer)
-    original, original_tok = load_classifier(against, tokenizer=tokenizer)
-    tok = tok or original_tok
+    source, source_tok = load_classifier(against, tokenizer=tokenizer)
+    tok = tok or source_tok
     if tok is None:
         raise TokenizerError(f"no tokenizer found in {model} or beside {against}; pass --tokenizer DIR")
     examples = _examples(data, converted.config, require_labels=True)
     encoded = encode(examples, tok, max_length=config.max_length, cap=converted.config.max_position_embeddings)
-    result = CompatibilityTestSuite(original, converted, encoded, config, tokenizer=tok, original_path=str(against),
+    result = CompatibilityTestSuite(source, converted, encoded, config, tokenizer=tok, source_path=str(against),
                                     converted_path=str(model), data_path=str(data) if _is_path(data) else "<memory>"
                                     ).run()
+    if report_dir is None and not _is_path(model):
+        raise ConfigError("report_dir is required when checking a model object")
     if report_dir is None:
         model_path = Path(model)
         report_dir = (model_path if model_path.is_dir() else model_path.parent) / "report"

@@ -11,6 +11,7 @@ stay cheap: torch, transformers and matplotlib are imported only when a gate act
     def test_explicit(mbconvert_gate):
         mbconvert_gate(report="out/report/report.json", baseline="baseline.json")
 
+`model` is the converted MobileBERT, `against` the source model it was converted from, `data` labelled test data.
 Relative paths are resolved against pytest's rootdir, so the same test works from any working directory.
 """
 
@@ -23,9 +24,9 @@ import pytest
 MARKER = "mbconvert_gate"
 MARKER_HELP = (
     f"{MARKER}(baseline, model=None, against=None, data=None, report=None, tolerance=0.5 (points), "
-    "max_latency_ratio=None, max_size_ratio=None, tokenizer=None, repeats=None, threads=None): run `mbconvert check` on "
-    "model/against/data (or read an existing report=) and gate it against the baseline report.json; the "
-    "test fails when the gate does"
+    "max_latency_ratio=None, max_size_ratio=None, tokenizer=None, repeats=None, threads=None): run `mbconvert "
+    "check` on model (the converted MobileBERT) against the source model on data (or read an existing report=) and "
+    "gate it against the baseline report.json; the test fails when the gate does"
 )
 
 

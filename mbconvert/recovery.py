@@ -18,6 +18,9 @@ Resumability: the batch of every step is a function of (seed, stage, step) and t
 model, optimiser, RNG and progress, so a run stopped (Ctrl-C finishes the step and checkpoints first) and
 resumed ends with exactly the weights of an uninterrupted run when the length is given in steps or epochs.
 A time budget (`budget_s`) cannot be reproduced exactly: it depends on the machine's speed.
+
+This module is the loop; the plan and the run's position (Stage, plan_stages, Progress) are in
+mbconvert.recovery_plan, and what a step computes and trains (losses, layer taps, optimisers) in mbconvert.transfer.
 """
 
 from __future__ import annotations
@@ -29,127 +32,26 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, losses, optim
+from . import checkpoint, optim
 from .cache import model_key
 from .config import RecoveryConfig, RunOptions
-from .data import Encoded, bucketed_batches, mix_tokens
+from .data import Encoded, bucketed_batches
 from .errors import ConfigError, DataError, ShapeMismatchError, TrainingDivergedError
+from .recovery_plan import Progress, Stage, plan_stages
 from .similarity import predict_logits
+from .transfer import Transfer
 
 log = logging.getLogger("mbconvert")
 SUMMARY_FILE = "recovery.json"
-LOSS_SAMPLE_EVERY = 10  # steps averaged into one point of the loss curves in recovery.json
 FEW_STEPS = 10  # a recovery that trained fewer steps than this says so loudly
 
 
-# -------------------------------------------------------------------- plan
-@dataclass
-class Stage:
-    """One optimiser's worth of training: a layer of the layer-wise stage, or the task stage."""
-
-    layer: int | None  # student layer trained; None for the task stage
-    steps: int | None  # step allotment (None under a time budget)
-    start_s: float | None = None  # budget mode: planned [start, deadline) in elapsed seconds
-    deadline_s: float | None = None
-
-    @property
-    def kind(self) -> str:
-        return "task" if self.layer is None else "layer-wise"
-
-
-def plan_stages(cfg: RecoveryConfig, n_layers: int, n_rows: int) -> list[Stage]:
-    """Split steps (or seconds) between the layers and the task stage by `layerwise_share`."""
-    if cfg.budget_s is not None:
-        layer_s = cfg.budget_s * cfg.layerwise_share / n_layers
-        stages = [Stage(i, None, i * layer_s, (i + 1) * layer_s) for i in range(n_layers)]
-        return stages + [Stage(None, None, n_layers * layer_s, cfg.budget_s)]
-    per_epoch = math.ceil(n_rows / cfg.batch_size)
-    total = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * per_epoch)
-    if total < 1:
-        raise ConfigError("recovery needs at least one step")
-    layerwise = round(total * cfg.layerwise_share)
-    stages = [Stage(i, layerwise // n_layers + (i < layerwise % n_layers)) for i in range(n_layers)]
-    return [s for s in stages if s.steps] + [Stage(None, total - layerwise)]
-
-
-@dataclass
-class Progress:
-    """Everything about a run's position and history; saved in checkpoints as primitives."""
-
-    stage: int = 0
-    stage_step: int = 0
-    step: int = 0
-    elapsed_s: float = 0.0
-    teacher_accuracy: float | None = None
-    initial_accuracy: float | None = None
-    best_accuracy: float | None = None
-    best_step: int | None = None
-    early_stopped: bool = False
-    losses: dict = field(default_factory=lambda: {"layer-wise": [], "task": []})  # kind → [[step, loss]]
-    work: dict = field(default_factory=lambda: {"layer-wise": [0, 0.0], "task": [0, 0.0]})  # kind → [steps, s]
-    accuracy_curve: list = field(default_factory=list)  # [[step, seconds, accuracy]]
-    loss_window: list = field(default_factory=list)
-
-
-# -------------------------------------------------------------------- model plumbing
-def _layers(model) -> torch.nn.ModuleList:
-    return model.base_model.encoder.layer
-
-
-@contextlib.contextmanager
-def _first_layers(model, n: int):
-    """Run only the bottom n encoder layers: the layer-wise stage never needs the layers above."""
-    encoder = model.base_model.encoder
-    full = encoder.layer
-    encoder.layer = full[:n]
-    try:
-        yield
-    finally:
-        encoder.layer = full
-
-
-class LayerTap:
-    """Forward hooks keeping one attention layer's q/k/v projections or attention probabilities."""
-
-    def __init__(self, layer, what: str):
-        attention = layer.attention.self
-        self.out: dict = {}
-        if what == "qkv":
-            modules = {n: getattr(attention, n) for n in ("query", "key", "value")}
-        else:
-            modules = {"probs": attention}
-        self.handles = [m.register_forward_hook(self._keep(n)) for n, m in modules.items()]
-
-    def _keep(self, name):
-        def hook(_module, _inputs, output):
-            self.out[name] = output[1] if name == "probs" else output
-        return hook
-
-    def value(self):
-        if "probs" in self.out:
-            return self.out["probs"]
-        return tuple(self.out[n] for n in ("query", "key", "value"))
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _teacher_layer(layer: int, n_student: int, n_teacher: int) -> int:
-    """Uniform layer mapping when the depths differ (identity when they match)."""
-    return round((layer + 1) * n_teacher / n_student) - 1
-
-
-def _inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
+# -------------------------------------------------------------------- helpers
 def _logits(model, data: Encoded, device, batch_size: int, desc: str = "") -> torch.Tensor:
     was_training = model.training
     out = predict_logits(model, data, batch_size, device, desc=desc)
@@ -198,18 +100,11 @@ class Recovery:
         self.student = student.to(self.device)
         self.teacher = teacher.to(self.device).eval()
         self.train, self.eval_data, self.out_dir = train, eval_data, out_dir
-        self.head_map = head_map
-        self.attention_loss = losses.attention_loss(cfg.attention_loss)
-        self.attention_inputs = self.attention_loss.inputs
-        if self.attention_loss.uses_head_map and head_map is None:
-            raise ConfigError(f"attention_loss={cfg.attention_loss!r} needs the head map from conversion.json")
-        if self.attention_inputs == "probs":  # only eager attention materialises the probabilities
-            for model in (self.student, self.teacher):
-                model.set_attn_implementation("eager")
-        self.n_layers = len(_layers(student))
+        self.transfer = Transfer(self.student, self.teacher, cfg, head_map)  # checks the loss; eager attention
+        self.n_layers = self.transfer.n_layers
         self.stages = plan_stages(cfg, self.n_layers, len(train))
         torch.manual_seed(cfg.seed)
-        self.projections = self._projections()
+        self.projections = self.transfer.add_projections(self.device)  # random init: after the seed
         self.p = Progress()
         self.best_state: dict | None = None
         self.ema: list[torch.Tensor] | None = None  # task stage: moving average of the parameters (ema_decay)
@@ -219,13 +114,6 @@ class Recovery:
         self._clock = self._last_checkpoint = time.monotonic()
 
     # ---------------------------------------------------------------- setup
-    def _projections(self) -> torch.nn.ModuleList | None:
-        """Learned student→teacher width maps for the feature-map loss, only when the widths differ."""
-        s, t = self.student.config.hidden_size, self.teacher.config.hidden_size
-        if s == t:
-            return None
-        return torch.nn.ModuleList(torch.nn.Linear(s, t, bias=False) for _ in range(self.n_layers)).to(self.device)
-
     @property
     def elapsed(self) -> float:
         return self.p.elapsed_s + time.monotonic() - self._clock
@@ -308,76 +196,14 @@ class Recovery:
                                      1.0 - self.cfg.ema_decay)
 
     # ---------------------------------------------------------------- steps
-    def _layer_loss(self, stage: Stage, batch: dict, taps: tuple[LayerTap, LayerTap]) -> torch.Tensor:
-        """Feature-map MSE + attention transfer at one layer; both models stop at that layer."""
-        inputs, mask = _inputs(batch), batch["attention_mask"]
-        t_layer = _teacher_layer(stage.layer, self.n_layers, len(_layers(self.teacher)))
-        with torch.no_grad(), _first_layers(self.teacher, t_layer + 1):
-            t_hidden = self.teacher.base_model(**inputs).last_hidden_state
-        with _first_layers(self.student, stage.layer + 1):
-            s_hidden = self.student.base_model(**inputs).last_hidden_state
-        projection = self.projections[stage.layer] if self.projections is not None else None
-        loss = self.cfg.hidden_weight * losses.hidden_mse(s_hidden, t_hidden, mask, projection)
-        if self.cfg.attention_weight:
-            student_tap, teacher_tap = taps
-            head_map = self.head_map[stage.layer] if self.head_map is not None else None
-            loss = loss + self.cfg.attention_weight * self.attention_loss(
-                student_tap.value(), teacher_tap.value(), mask, relation_heads=self.cfg.relation_heads,
-                head_map=head_map)
-        return loss
-
-    def _task_loss(self, idx: torch.Tensor, batch: dict) -> torch.Tensor:
-        """alpha·KD + (1−alpha)·CE against cached teacher logits; KD alone without labels. With mix_rows, some
-        rows are token-mixed (mix_tokens) and distilled from the teacher's live logits, without CE."""
-        inputs, targets = _inputs(batch), self.teacher_logits[idx.to(self.device)]
-        clean = None
-        rows = round(self.cfg.mix_rows * len(idx))
-        if rows:
-            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_033 + self.p.step)
-            inputs, mixed = mix_tokens(inputs, rows, self.cfg.mix_tokens, generator)
-            if mixed.any():
-                with torch.no_grad():
-                    live = self.teacher(**{k: v[mixed] for k, v in inputs.items()}).logits.float()
-                targets = targets.clone()
-                targets[mixed] = live
-                clean = ~mixed
-        logits = self.student(**inputs).logits
-        return optim.distillation_loss(logits, targets, batch.get("labels"), self.cfg.alpha, self.cfg.temperature,
-                                       ce_rows=clean)
-
-    def _optimizer(self, stage: Stage) -> tuple[torch.optim.Optimizer, list]:
-        """AdamW for a stage, and the parameters it freezes (restored when the stage ends)."""
-        cfg = self.cfg
-        if stage.layer is None:
-            return torch.optim.AdamW(optim.param_groups(self.student.parameters(), cfg.lr, cfg.weight_decay)), []
-        top = list(_layers(self.student)[stage.layer].parameters())
-        if self.projections is not None:
-            top += list(self.projections[stage.layer].parameters())
-        lower = list(self.student.base_model.embeddings.parameters())
-        lower += [p for layer in _layers(self.student)[:stage.layer] for p in layer.parameters()]
-        groups = optim.param_groups(top, cfg.layerwise_lr, cfg.weight_decay)
-        frozen = []
-        if cfg.lower_layer_lr_scale > 0:
-            groups += optim.param_groups(lower, cfg.layerwise_lr * cfg.lower_layer_lr_scale, cfg.weight_decay)
-        else:
-            frozen = [p for p in lower if p.requires_grad]
-        return torch.optim.AdamW(groups), frozen
-
-    def _stage_progress(self, stage: Stage) -> float:
-        if stage.steps is not None:
-            return self.p.stage_step / stage.steps
-        return (self.elapsed - stage.start_s) / max(1e-9, stage.deadline_s - stage.start_s)
-
-    def _stage_over(self, stage: Stage) -> bool:
-        if stage.steps is not None:
-            return self.p.stage_step >= stage.steps
-        return self.elapsed >= stage.deadline_s
-
     def _train_step(self, index: int, stage: Stage, optimizer, taps) -> float:
-        optim.set_lr(optimizer, self._stage_progress(stage), self.cfg.warmup_ratio)
+        optim.set_lr(optimizer, stage.fraction_done(self.p.stage_step, self.elapsed), self.cfg.warmup_ratio)
         idx, batch = self._batch(index, self.p.stage_step)
         with optim.autocast(self.device, self.cfg.bf16):
-            loss = self._task_loss(idx, batch) if stage.layer is None else self._layer_loss(stage, batch, taps)
+            if stage.layer is None:
+                loss = self.transfer.task_loss(batch, self.teacher_logits[idx.to(self.device)], self.p.step)
+            else:
+                loss = self.transfer.layer_loss(stage.layer, batch, taps)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"recovery diverged: the {stage.kind} loss is {float(loss.detach())} at step {self.p.step + 1} "
@@ -387,18 +213,6 @@ class Recovery:
         if stage.layer is None:
             self._update_ema()
         return float(loss.detach())
-
-    def _log_loss(self, kind: str, loss: float) -> None:
-        p = self.p
-        p.loss_window.append(loss)
-        if len(p.loss_window) == LOSS_SAMPLE_EVERY:
-            p.losses[kind].append([p.step, sum(p.loss_window) / len(p.loss_window)])
-            p.loss_window = []
-
-    def _flush_losses(self, kind: str) -> None:
-        if self.p.loss_window:
-            self.p.losses[kind].append([self.p.step, sum(self.p.loss_window) / len(self.p.loss_window)])
-            self.p.loss_window = []
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self, optimizer) -> None:
@@ -475,10 +289,10 @@ class Recovery:
     def _run_stage(self, index: int, stage: Stage, optimizer_state, bar, interrupted) -> None:
         if index != self.p.stage:
             self.p.stage, self.p.stage_step = index, 0
-        optimizer, frozen = self._optimizer(stage)
+        optimizer, frozen = self.transfer.optimizer(stage.layer)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
-        taps = self._taps(stage)
+        taps = self.transfer.taps(stage.layer)
         if stage.layer is None and self.cfg.ema_decay is not None and self.ema is None:
             self.ema = [p.detach().clone() for p in self.student.parameters()]
         for p in frozen:
@@ -486,7 +300,7 @@ class Recovery:
         try:
             if stage.layer is None and self.p.stage_step == 0:
                 self._record_evaluation()  # after the layer-wise stage
-            while not self._stage_over(stage) and not self.p.early_stopped:
+            while not stage.over(self.p.stage_step, self.elapsed) and not self.p.early_stopped:
                 started = time.monotonic()
                 loss = self._train_step(index, stage, optimizer, taps)
                 self._after_step(stage, loss, time.monotonic() - started, bar)
@@ -496,30 +310,22 @@ class Recovery:
                     self._save(optimizer)
                 if stop:
                     raise KeyboardInterrupt
-            self._flush_losses(stage.kind)
+            self.p.flush_losses(stage.kind)
         finally:
             for tap in taps:
                 tap.remove()
             for p in frozen:
                 p.requires_grad_(True)
 
-    def _taps(self, stage: Stage) -> tuple:
-        """Hooks on the student's trained layer and its teacher layer, for the attention loss."""
-        if stage.layer is None or not self.cfg.attention_weight:
-            return ()
-        t_layer = _teacher_layer(stage.layer, self.n_layers, len(_layers(self.teacher)))
-        return (LayerTap(_layers(self.student)[stage.layer], self.attention_inputs),
-                LayerTap(_layers(self.teacher)[t_layer], self.attention_inputs))
-
     def _after_step(self, stage: Stage, loss: float, seconds: float, bar) -> None:
         """Count the step, sample the loss curve, evaluate when due, update the progress bar."""
         p = self.p
         p.stage_step += 1
         p.step += 1
-        self._log_loss(stage.kind, loss)
+        p.log_loss(stage.kind, loss)
         p.work[stage.kind][0] += 1
         p.work[stage.kind][1] += seconds
-        if stage.layer is None and (p.stage_step % self.cfg.eval_every == 0 or self._stage_over(stage)):
+        if stage.layer is None and (p.stage_step % self.cfg.eval_every == 0 or stage.over(p.stage_step, self.elapsed)):
             self._record_evaluation()
         bar.update(1)
         where = f"layer {stage.layer}, " if stage.layer is not None else ""

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from .fileio import atomic_dir, write_json
 
-SCHEMA_VERSION = 2  # 2: accuracy in points with CI and McNemar, latency median/IQR, machine
-SIDES = ("original", "converted")
-PLOTS = ("overview.png", "per_class_f1.png", "similarity.png")
+SCHEMA_VERSION = 3  # 2: accuracy in points with CI and McNemar, latency median/IQR, machine; 3: "original" → "source"
+SIDES = ("source", "converted")  # the user's model and its conversion, in every table and plot
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
@@ -71,7 +70,7 @@ def verdict(report: dict) -> str:
         rule = (f"is within the allowed drop of {tol:.2f} points" if acc["within_tolerance"]
                 else f"is a drop of more than {tol:.2f} points")
     return (f"{word}: accuracy difference {_points(acc['difference_points'])} (95% CI {_ci(acc)}; converted "
-            f"{_num(acc['converted'])} vs original {_num(acc['original'])}) {rule}")
+            f"{_num(acc['converted'])} vs source {_num(acc['source'])}) {rule}")
 
 
 def _latency(report: dict, side: str, batch: int) -> dict | None:
@@ -79,7 +78,7 @@ def _latency(report: dict, side: str, batch: int) -> dict | None:
 
 
 def _batches(report: dict) -> list[int]:
-    return [x["batch_size"] for x in report["models"]["original"]["latency"]]
+    return [x["batch_size"] for x in report["models"]["source"]["latency"]]
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -87,37 +86,37 @@ def _batches(report: dict) -> list[int]:
 def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) for every table; Markdown and HTML both render these."""
     m, acc = report["models"], report["accuracy"]
-    out = [("Accuracy", ["", "original", "converted"], [
-        ["accuracy", _num(acc["original"]), _num(acc["converted"])],
-        ["macro-F1", _num(m["original"]["macro_f1"]), _num(m["converted"]["macro_f1"])],
-        ["difference (converted − original)", "", _points(acc["difference_points"])],
+    out = [("Accuracy", ["", *SIDES], [
+        ["accuracy", _num(acc["source"]), _num(acc["converted"])],
+        ["macro-F1", _num(m["source"]["macro_f1"]), _num(m["converted"]["macro_f1"])],
+        ["difference (converted − source)", "", _points(acc["difference_points"])],
         ["95% CI of the difference (paired bootstrap)", "", _ci(acc)],
-        [f"McNemar exact p ({acc['discordant']['original_only_correct']} texts only the original gets right, "
+        [f"McNemar exact p ({acc['discordant']['source_only_correct']} texts only the source gets right, "
          f"{acc['discordant']['converted_only_correct']} only the converted)", "", f"{acc['mcnemar_p']:.3g}"],
         ["one text is worth", "", f"{acc['points_per_text']:.2f} points"],
         ["prediction agreement", "", _num(report["agreement"])],
     ])]
     per_class = []
-    for o, c in zip(m["original"]["per_class"], m["converted"]["per_class"]):
+    for o, c in zip(m["source"]["per_class"], m["converted"]["per_class"]):
         per_class.append([o["label"], str(o["support"])] + [_num(o[k], 3) for k in ("precision", "recall", "f1")]
                          + [_num(c[k], 3) for k in ("precision", "recall", "f1")])
-    out.append(("Per class", ["label", "support", "orig P", "orig R", "orig F1", "conv P", "conv R", "conv F1"],
+    out.append(("Per class", ["label", "support", "source P", "source R", "source F1", "conv P", "conv R", "conv F1"],
                 per_class))
-    out.append(("Where they disagree most", ["original predicts", "converted predicts", "texts"],
-                [[d["original"], d["converted"], str(d["count"])] for d in report["disagreements"]] or
+    out.append(("Where they disagree most", ["source predicts", "converted predicts", "texts"],
+                [[d["source"], d["converted"], str(d["count"])] for d in report["disagreements"]] or
                 [["(none)", "", "0"]]))
     latency = []
     for b in _batches(report):
-        lo, lc = _latency(report, "original", b), _latency(report, "converted", b)
-        latency.append([str(b), str(lo["seq_len"])]
-                       + [v for x in (lo, lc) for v in (_ms(x), _num(x["iqr_ms"], 2), str(x["measurements"]))]
-                       + [f"{lo['throughput_per_s']:.1f}", f"{lc['throughput_per_s']:.1f}"])
+        ls, lc = _latency(report, "source", b), _latency(report, "converted", b)
+        latency.append([str(b), str(ls["seq_len"])]
+                       + [v for x in (ls, lc) for v in (_ms(x), _num(x["iqr_ms"], 2), str(x["measurements"]))]
+                       + [f"{ls['throughput_per_s']:.1f}", f"{lc['throughput_per_s']:.1f}"])
     out.append((f"Latency (torch threads: {report['threads']}; {_machine(report)}; IQR over the measurements, "
                 "noisy when above 20% of the median)",
-                ["batch", "seq len", "orig median", "orig IQR ms", "orig n", "conv median", "conv IQR ms", "conv n",
-                 "orig texts/s", "conv texts/s"], latency))
-    so, sc = m["original"]["size"], m["converted"]["size"]
-    out.append(("Size and memory", ["", "original", "converted"], [
+                ["batch", "seq len", "source median", "source IQR ms", "source n", "conv median", "conv IQR ms",
+                 "conv n", "source texts/s", "conv texts/s"], latency))
+    so, sc = m["source"]["size"], m["converted"]["size"]
+    out.append(("Size and memory", ["", *SIDES], [
         ["parameters", _millions(so["parameters"]), _millions(sc["parameters"])],
         ["file size (safetensors)", _mb(so["file_bytes"]), _mb(sc["file_bytes"])],
         ["peak forward memory (RSS)", _mb(so["forward_peak_rss_bytes"]), _mb(sc["forward_peak_rss_bytes"])],
@@ -191,22 +190,22 @@ def render_summary(report: dict) -> str:
     m, acc, inputs = report["models"], report["accuracy"], report["inputs"]
     row = "{:<24}{:>18}{:>18}"
     lines = [f"mbconvert check: {inputs['rows']} texts, sequence length {inputs['seq_len']}, "
-             f"{report['threads']} threads on {_machine(report)}", row.format("", "original", "converted"),
-             row.format("accuracy", _num(acc["original"]), _num(acc["converted"])),
-             row.format("macro-F1", _num(m["original"]["macro_f1"]), _num(m["converted"]["macro_f1"]))]
+             f"{report['threads']} threads on {_machine(report)}", row.format("", *SIDES),
+             row.format("accuracy", _num(acc["source"]), _num(acc["converted"])),
+             row.format("macro-F1", _num(m["source"]["macro_f1"]), _num(m["converted"]["macro_f1"]))]
     for b in _batches(report):
-        lo, lc = _latency(report, "original", b), _latency(report, "converted", b)
-        lines.append(row.format(f"latency b{b} median", _ms(lo), _ms(lc)))
-        lines.append(row.format(f"throughput b{b}", f"{lo['throughput_per_s']:.0f}/s", f"{lc['throughput_per_s']:.0f}/s"))
-    so, sc = m["original"]["size"], m["converted"]["size"]
+        ls, lc = _latency(report, "source", b), _latency(report, "converted", b)
+        lines.append(row.format(f"latency b{b} median", _ms(ls), _ms(lc)))
+        lines.append(row.format(f"throughput b{b}", f"{ls['throughput_per_s']:.0f}/s", f"{lc['throughput_per_s']:.0f}/s"))
+    so, sc = m["source"]["size"], m["converted"]["size"]
     lines += [row.format("parameters", _millions(so["parameters"]), _millions(sc["parameters"])),
               row.format("file size", _mb(so["file_bytes"]), _mb(sc["file_bytes"])),
               row.format("peak forward memory", _mb(so["forward_peak_rss_bytes"]), _mb(sc["forward_peak_rss_bytes"]))]
     d = acc["discordant"]
     lines.append(f"accuracy difference {_points(acc['difference_points'])}, 95% CI {_ci(acc)}, McNemar p = "
-                 f"{acc['mcnemar_p']:.3g} ({d['original_only_correct']} texts only the original gets right, "
+                 f"{acc['mcnemar_p']:.3g} ({d['source_only_correct']} texts only the source gets right, "
                  f"{d['converted_only_correct']} only the converted)")
-    top = ", ".join(f"{d['original']}→{d['converted']} ×{d['count']}" for d in report["disagreements"][:3])
+    top = ", ".join(f"{d['source']}→{d['converted']} ×{d['count']}" for d in report["disagreements"][:3])
     lines.append(f"agreement {100 * report['agreement']:.1f}%" + (f"; most often: {top}" if top else ""))
     sim = report["similarity"]
     if sim["layer_cosine"]:
@@ -240,7 +239,7 @@ def _png(draw, report: dict) -> bytes:
     return buf.getvalue()
 
 
-COLORS = {"original": "#4c72b0", "converted": "#dd8452"}
+COLORS = {"source": "#4c72b0", "converted": "#dd8452"}
 
 
 def _bars(ax, groups: list[str], values: dict[str, list[float]], title: str, ylabel: str) -> None:
@@ -270,7 +269,7 @@ def _overview(fig, report: dict) -> None:
 def _per_class(fig, report: dict) -> None:
     m = report["models"]
     ax = fig.subplots()
-    labels = [c["label"] for c in m["original"]["per_class"]]
+    labels = [c["label"] for c in m["source"]["per_class"]]
     _bars(ax, labels, {s: [c["f1"] for c in m[s]["per_class"]] for s in SIDES}, "Per-class F1", "F1")
     ax.set_ylim(0, 1)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper")
@@ -294,7 +293,7 @@ def _similarity(fig, report: dict) -> None:
     if sim["attention_js"]:
         layers = range(1, len(sim["attention_js"]) + 1)
         ax_attn.plot(layers, sim["attention_js"], marker="o", label="Jensen–Shannon")
-        ax_attn.plot(layers, sim["attention_kl"], marker="s", label="KL(original ‖ converted)")
+        ax_attn.plot(layers, sim["attention_kl"], marker="s", label="KL(source ‖ converted)")
         ax_attn.legend()
     ax_attn.set_title("Head-averaged attention maps, per layer")
     ax_attn.set_xlabel("layer")
@@ -316,10 +315,10 @@ def summary_line(summary: dict) -> str:
     took = format_duration(summary["wall_s"])
     if summary["final_accuracy"] is None:
         return f"recovered for {summary['steps']} steps, {took} (no eval data: accuracy not measured)"
-    acc, teacher = summary["final_accuracy"], summary["teacher_accuracy"]
-    diff = 100 * (acc - teacher)
+    acc, source = summary["final_accuracy"], summary["teacher_accuracy"]  # recovery.json's key for the source
+    diff = 100 * (acc - source)
     sign = "−" if diff < 0 else "+"
-    return f"{summary['metric']} {acc:.4f} vs source {teacher:.4f} ({sign}{abs(diff):.2f} pt), {took}"
+    return f"{summary['metric']} {acc:.4f} vs source {source:.4f} ({sign}{abs(diff):.2f} pt), {took}"
 
 
 # ------------------------------------------------------------------ model card

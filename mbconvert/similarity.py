@@ -3,7 +3,8 @@
 Shared by the adapter's conversion report, the CompatibilityTestSuite and recovery's evaluation. Layer l
 of one model is compared with layer l of the other (both have the source's layer count); hidden states
 live in the same inter-block width. Attention maps are compared head-averaged, which is defined for
-different head counts.
+different head counts; the KL is mbconvert.losses.masked_row_kl (summed over real query rows here, then divided
+by their count).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import Encoded
+from .losses import log_probs, masked_row_kl
 
 
 @dataclass
@@ -79,11 +81,11 @@ def compare(model_a, model_b, encoded: Encoded, batch_size: int = 32, layers: bo
             n = min(len(oa.attentions), len(ob.attentions))
             kl, js = [], []
             for i in range(n):
-                pa = oa.attentions[i].float().mean(1)  # (B, T, T), head-averaged
-                pb = ob.attentions[i].float().mean(1)
-                kl.append(_masked_kl(pa, pb, mask))
-                m = 0.5 * (pa + pb)
-                js.append(0.5 * _masked_kl(pa, m, mask) + 0.5 * _masked_kl(pb, m, mask))
+                pa = oa.attentions[i].float().mean(1, keepdim=True)  # (B, 1, T, T), head-averaged
+                pb = ob.attentions[i].float().mean(1, keepdim=True)
+                log_a, log_b, log_m = log_probs(pa), log_probs(pb), log_probs(0.5 * (pa + pb))
+                kl.append(masked_row_kl(log_a, log_b, mask, "sum"))
+                js.append(0.5 * (masked_row_kl(log_a, log_m, mask, "sum") + masked_row_kl(log_b, log_m, mask, "sum")))
             kl, js = torch.stack(kl), torch.stack(js)
             kl_sum = kl if kl_sum is None else kl_sum + kl
             js_sum = js if js_sum is None else js_sum + js
@@ -97,14 +99,3 @@ def compare(model_a, model_b, encoded: Encoded, batch_size: int = 32, layers: bo
         out.attention_js = (js_sum / rows).tolist()
     return out
 
-
-def _masked_kl(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ over real query rows of KL(p_row ‖ q_row), keys restricted to real tokens."""
-    eps = 1e-9
-    keys = mask[:, None, :].float()
-    p = p * keys
-    q = q * keys
-    p = p / p.sum(-1, keepdim=True).clamp_min(eps)
-    q = q / q.sum(-1, keepdim=True).clamp_min(eps)
-    kl = (p * ((p + eps).log() - (q + eps).log())).sum(-1)  # (B, T)
-    return kl[mask].sum()

@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, MobileBertConfig
 
 SPECIAL = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CHARS = [chr(0x4E00 + i) for i in range(400)]  # 400 CJK characters, one token each
@@ -31,6 +31,18 @@ def bert_config(hidden=512, layers=4, heads=8, intermediate=None, labels=len(LAB
                      num_attention_heads=heads, intermediate_size=intermediate or 4 * hidden, num_labels=labels,
                      max_position_embeddings=positions, id2label=dict(enumerate(LABELS[:labels])),
                      label2id={n: i for i, n in enumerate(LABELS[:labels])})
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def mobilebert_config(**overrides) -> MobileBertConfig:
+    """The tests' tiny MobileBERT target (hidden 256, bottleneck 64, 2 heads, 2 layers, 2 FFNs of 256, the test
+    tokenizer's vocabulary and labels, eager attention); any field can be overridden."""
+    fields = dict(hidden_size=256, intra_bottleneck_size=64, num_attention_heads=2, num_hidden_layers=2,
+                  embedding_size=64, intermediate_size=256, num_feedforward_networks=2,
+                  vocab_size=len(SPECIAL) + len(CHARS), num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
+                  label2id={n: i for i, n in enumerate(LABELS)})
+    cfg = MobileBertConfig(**(fields | overrides))
     cfg._attn_implementation = "eager"
     return cfg
 

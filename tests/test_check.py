@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.utils.benchmark import Measurement
 from torch.utils.benchmark.utils.common import TaskSpec
-from transformers import MobileBertConfig, MobileBertForSequenceClassification
+from transformers import MobileBertForSequenceClassification
 
 import helpers
 from mbconvert.check import CompatibilityTestSuite, latency_entry, measure_latency
@@ -34,7 +34,7 @@ FAST = CheckConfig(latency_repeats=2, latency_warmup=1, threads=1, latency_min_r
 
 
 @pytest.fixture(scope="module")
-def student(trained_student):
+def source(trained_student):
     model, tok = load_classifier(trained_student)
     return model, tok
 
@@ -45,18 +45,15 @@ def test_rows(task_data):
 
 
 @pytest.fixture(scope="module")
-def encoded(student, task_data):
-    model, tok = student
+def encoded(source, task_data):
+    model, tok = source
     return load_encoded(task_data["test"], tok, model.config, require_labels=True)
 
 
-def random_mobilebert(student_config) -> MobileBertForSequenceClassification:
+def random_mobilebert(source_config) -> MobileBertForSequenceClassification:
     torch.manual_seed(0)
-    cfg = MobileBertConfig(hidden_size=256, intra_bottleneck_size=64, num_attention_heads=2, num_hidden_layers=4,
-                           embedding_size=64, intermediate_size=256, num_feedforward_networks=2,
-                           vocab_size=student_config.vocab_size, num_labels=4, id2label=student_config.id2label,
-                           label2id=student_config.label2id)
-    cfg._attn_implementation = "eager"
+    cfg = helpers.mobilebert_config(num_hidden_layers=4, vocab_size=source_config.vocab_size,
+                                    id2label=source_config.id2label, label2id=source_config.label2id)
     return MobileBertForSequenceClassification(cfg).eval()
 
 
@@ -99,8 +96,8 @@ def _f1_by_hand(pred, gold, k):
     return 2 * prec * rec / (prec + rec) if prec + rec else 0.0
 
 
-def test_suite_numbers_match_independent_computation(student, encoded, test_rows):
-    model, tok = student
+def test_suite_numbers_match_independent_computation(source, encoded, test_rows):
+    model, tok = source
     always_c = always_predicts(model, 2)  # a "converted" model whose predictions are known: always news_c
     enc = tok([r["text"] for r in test_rows], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -110,31 +107,31 @@ def test_suite_numbers_match_independent_computation(student, encoded, test_rows
 
     r = CompatibilityTestSuite(model, always_c, encoded, FAST, tokenizer=tok).run().to_dict()
 
-    orig, conv = r["models"]["original"], r["models"]["converted"]
-    assert orig["accuracy"] == pytest.approx(sum(p == g for p, g in zip(pred, gold)) / n)
-    assert orig["accuracy"] >= 0.9  # the trained student is good, so the comparison below is meaningful
-    assert [c["f1"] for c in orig["per_class"]] == pytest.approx([_f1_by_hand(pred, gold, k) for k in range(4)])
-    assert orig["macro_f1"] == pytest.approx(sum(_f1_by_hand(pred, gold, k) for k in range(4)) / 4)
+    src, conv = r["models"]["source"], r["models"]["converted"]
+    assert src["accuracy"] == pytest.approx(sum(p == g for p, g in zip(pred, gold)) / n)
+    assert src["accuracy"] >= 0.9  # the trained source model is good, so the comparison below is meaningful
+    assert [c["f1"] for c in src["per_class"]] == pytest.approx([_f1_by_hand(pred, gold, k) for k in range(4)])
+    assert src["macro_f1"] == pytest.approx(sum(_f1_by_hand(pred, gold, k) for k in range(4)) / 4)
     assert conv["accuracy"] == pytest.approx(gold.count(2) / n)
     assert conv["per_class"][2]["precision"] == pytest.approx(gold.count(2) / n)
     assert conv["per_class"][2]["recall"] == 1.0
-    assert r["accuracy"]["difference_points"] == pytest.approx(100 * (conv["accuracy"] - orig["accuracy"]))
+    assert r["accuracy"]["difference_points"] == pytest.approx(100 * (conv["accuracy"] - src["accuracy"]))
     assert r["agreement"] == pytest.approx(pred.count(2) / n)
     expected = Counter((helpers.LABELS[p], "news_c") for p in pred if p != 2)
-    got = {(d["original"], d["converted"]): d["count"] for d in r["disagreements"]}
+    got = {(d["source"], d["converted"]): d["count"] for d in r["disagreements"]}
     assert got == dict(expected)
     assert [d["count"] for d in r["disagreements"]] == sorted(got.values(), reverse=True)
     assert not r["passed"] and not r["accuracy"]["within_tolerance"]
-    b = sum(p == g != 2 for p, g in zip(pred, gold))  # only the original is right
+    b = sum(p == g != 2 for p, g in zip(pred, gold))  # only the source is right
     c = sum(p != g == 2 for p, g in zip(pred, gold))  # only the converted (always news_c) is right
     acc = r["accuracy"]
-    assert acc["discordant"] == {"original_only_correct": b, "converted_only_correct": c}
+    assert acc["discordant"] == {"source_only_correct": b, "converted_only_correct": c}
     assert acc["mcnemar_p"] == pytest.approx(_binomial_two_sided(b, c))
     lo, hi = acc["ci95_points"]
     assert lo <= acc["difference_points"] <= hi
-    assert r["models"]["original"]["weights_sha256"] != r["models"]["converted"]["weights_sha256"]
+    assert r["models"]["source"]["weights_sha256"] != r["models"]["converted"]["weights_sha256"]
 
-    for side in (orig, conv):
+    for side in (src, conv):
         assert [x["batch_size"] for x in side["latency"]] == [1, 32]
         for x in side["latency"]:
             assert x["seq_len"] == encoded.max_length and 0 < x["median_ms"]
@@ -147,8 +144,8 @@ def test_suite_numbers_match_independent_computation(student, encoded, test_rows
     assert {"system", "architecture", "processor", "cpu_count"} <= set(r["machine"])
 
 
-def test_identical_models_agree_completely(student, encoded, tmp_path):
-    model, tok = student
+def test_identical_models_agree_completely(source, encoded, tmp_path):
+    model, tok = source
     result = CompatibilityTestSuite(model, copy.deepcopy(model), encoded, FAST).run()
     r = result.to_dict()
     assert r["accuracy"]["difference_points"] == 0 and r["agreement"] == 1.0 and r["disagreements"] == []
@@ -160,7 +157,7 @@ def test_identical_models_agree_completely(student, encoded, tmp_path):
     assert result.summary().splitlines()[-1].startswith("PASS")
     assert r["accuracy"]["warning"] is None  # 200 texts: 0.5 points each, half the 1-point tolerance
     assert r["accuracy"]["ci95_points"] == [0.0, 0.0] and r["accuracy"]["mcnemar_p"] == 1.0
-    assert r["models"]["original"]["weights_sha256"] == r["models"]["converted"]["weights_sha256"]
+    assert r["models"]["source"]["weights_sha256"] == r["models"]["converted"]["weights_sha256"]
 
     quiet = copy.deepcopy(r)  # this machine's load decides what was measured noisy: set the flags by hand
     for side in quiet["models"].values():
@@ -177,16 +174,38 @@ def test_identical_models_agree_completely(student, encoded, tmp_path):
     assert (out / "report.html").is_file() and "95% CI" in (out / "report.md").read_text(encoding="utf-8")
 
 
-def test_different_label_sets_are_refused(student, encoded):
-    model, _ = student
+def test_the_report_calls_the_users_model_the_source(source, encoded, tmp_path):
+    """Issue 13: report.json, report.md, report.html and the terminal summary name the user's model "source" (the
+    result "converted"), never "original"; the suite takes `source=` by keyword as well as by position."""
+    model, _ = source
+    e = encoded
+    small = Encoded(e.input_ids[:40], e.attention_mask[:40], e.token_type_ids[:40], e.labels[:40])
+    result = CompatibilityTestSuite(source=model, converted=always_predicts(model, 2), test_data=small,
+                                    config=FAST, source_path="model.pt").run()
+    r = result.to_dict()
+    assert set(r["models"]) == {"source", "converted"} and r["inputs"]["source"] == "model.pt"
+    assert r["accuracy"]["source"] == r["models"]["source"]["accuracy"]
+    assert set(r["accuracy"]["discordant"]) == {"source_only_correct", "converted_only_correct"}
+    assert r["disagreements"] and all(set(d) == {"source", "converted", "count"} for d in r["disagreements"])
+    out = result.write_report(tmp_path / "rep")
+    page = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", (out / "report.html").read_text(encoding="utf-8"))
+    texts = {"report.json": (out / "report.json").read_text(encoding="utf-8"), "report.html": page,
+             "report.md": (out / "report.md").read_text(encoding="utf-8"), "summary": result.summary()}
+    for name, text in texts.items():
+        assert "source" in text and not re.search(r"\borig", text, re.I), name
+    assert "vs source" in result.summary().splitlines()[-1]
+
+
+def test_different_label_sets_are_refused(source, encoded):
+    model, _ = source
     three = helpers.random_student(hidden=64, layers=1, heads=2, labels=3)
     with pytest.raises(ShapeMismatchError, match="labels differ"):
         CompatibilityTestSuite(model, three, encoded, FAST)
 
 
-def test_check_cli_writes_a_rendered_report(student, trained_student, task_data, tmp_path, capsys):
-    """A random MobileBERT against the student: exit 1, and a full report folder that renders."""
-    model, tok = student
+def test_check_cli_writes_a_rendered_report(source, trained_student, task_data, tmp_path, capsys):
+    """A random MobileBERT against the source: exit 1, and a full report folder that renders."""
+    model, tok = source
     mobile_dir = tmp_path / "mobile"
     random_mobilebert(model.config).save_pretrained(str(mobile_dir))
     tok.save_pretrained(str(mobile_dir))
@@ -198,12 +217,13 @@ def test_check_cli_writes_a_rendered_report(student, trained_student, task_data,
     assert re.search(r"^FAIL: accuracy difference", out, re.M)
 
     r = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
-    assert r["schema_version"] == 2 and r["passed"] is False
+    assert r["schema_version"] == 3 and r["passed"] is False
     assert r["inputs"]["data_sha256"] == hashlib.sha256(task_data["test"].read_bytes()).hexdigest()
     assert r["inputs"]["rows"] == 200 and r["inputs"]["converted"] == str(mobile_dir)
+    assert r["inputs"]["source"] == str(trained_student)
     assert {"torch", "transformers", "mbconvert", "python", "platform"} <= set(r["versions"])
     assert r["models"]["converted"]["class"] == "MobileBertForSequenceClassification"
-    assert r["models"]["converted"]["size"]["parameters"] < r["models"]["original"]["size"]["parameters"]
+    assert r["models"]["converted"]["size"]["parameters"] < r["models"]["source"]["size"]["parameters"]
     assert len(r["similarity"]["layer_cosine"]) == 5  # same inter-block width (256): hidden states compared
 
     pngs = sorted(report_dir.glob("*.png"))
@@ -228,9 +248,9 @@ def test_check_cli_unlabelled_data_is_bad_input(trained_student, tmp_path, capsy
 
 # ----------------------------------------------------------------------------------------------- accuracy criterion
 
-def test_a_better_converted_model_passes_unless_two_sided(student, encoded):
+def test_a_better_converted_model_passes_unless_two_sided(source, encoded):
     """Only a drop beyond the tolerance fails; `two_sided=True` opts into the |Δ| test."""
-    model, _ = student
+    model, _ = source
     worse = always_predicts(model, 2)
     better = CompatibilityTestSuite(worse, model, encoded, FAST).run()
     r = better.to_dict()
@@ -242,25 +262,25 @@ def test_a_better_converted_model_passes_unless_two_sided(student, encoded):
     assert not CompatibilityTestSuite(model, worse, encoded, FAST).run().passed
 
 
-def _correct(n: int, original_only: int, converted_only: int) -> tuple[np.ndarray, np.ndarray]:
+def _correct(n: int, source_only: int, converted_only: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-text correctness of two models: both right except on the given numbers of discordant texts."""
-    orig, conv = np.ones(n, bool), np.ones(n, bool)
-    conv[:original_only] = False
-    orig[original_only:original_only + converted_only] = False
-    return orig, conv
+    src, conv = np.ones(n, bool), np.ones(n, bool)
+    conv[:source_only] = False
+    src[source_only:source_only + converted_only] = False
+    return src, conv
 
 
-@pytest.mark.parametrize("original_only, converted_only, two_sided, within", [
+@pytest.mark.parametrize("source_only, converted_only, two_sided, within", [
     (10, 0, False, True),  # a drop of exactly the tolerance (1 point of 1000 texts) is allowed
     (11, 0, False, False),  # 1.1 points worse
     (0, 50, False, True),  # 5 points better: fine one-sided
     (0, 50, True, False),  # ... but not when asking for |Δ| ≤ tolerance
     (0, 10, True, True),
 ])
-def test_accuracy_criterion_in_points(original_only, converted_only, two_sided, within):
-    orig, conv = _correct(1000, original_only, converted_only)
-    acc = paired_accuracy(orig, conv, tolerance=1.0, two_sided=two_sided)
-    assert acc["difference_points"] == pytest.approx((converted_only - original_only) / 10)
+def test_accuracy_criterion_in_points(source_only, converted_only, two_sided, within):
+    src, conv = _correct(1000, source_only, converted_only)
+    acc = paired_accuracy(src, conv, tolerance=1.0, two_sided=two_sided)
+    assert acc["difference_points"] == pytest.approx((converted_only - source_only) / 10)
     assert acc["within_tolerance"] is within
 
 
@@ -274,24 +294,24 @@ def test_mcnemar_known_value():
 
 
 def test_paired_bootstrap_ci_is_deterministic_and_matches_the_normal_approximation():
-    orig, conv = _correct(1000, 30, 60)  # Δ = +3 points
-    lo, hi = paired_bootstrap_ci(orig, conv)
-    assert (lo, hi) == paired_bootstrap_ci(orig, conv)  # seeded: identical on every run
-    d = conv.astype(float) - orig.astype(float)
+    src, conv = _correct(1000, 30, 60)  # Δ = +3 points
+    lo, hi = paired_bootstrap_ci(src, conv)
+    assert (lo, hi) == paired_bootstrap_ci(src, conv)  # seeded: identical on every run
+    d = conv.astype(float) - src.astype(float)
     half = 1.96 * 100 * d.std() / math.sqrt(len(d))
     assert lo == pytest.approx(3.0 - half, abs=0.15) and hi == pytest.approx(3.0 + half, abs=0.15)
-    assert paired_bootstrap_ci(orig, orig) == (0.0, 0.0)  # no discordant texts: Δ is certain
+    assert paired_bootstrap_ci(src, src) == (0.0, 0.0)  # no discordant texts: Δ is certain
 
 
 def test_wide_interval_warns_without_changing_the_verdict():
-    orig, conv = _correct(1000, 30, 60)  # CI half-width ≈ 1.85 points > 1 point
-    acc = paired_accuracy(orig, conv, tolerance=1.0, two_sided=False)
+    src, conv = _correct(1000, 30, 60)  # CI half-width ≈ 1.85 points > 1 point
+    acc = paired_accuracy(src, conv, tolerance=1.0, two_sided=False)
     assert acc["within_tolerance"] and "confidence interval" in acc["warning"]
-    assert paired_accuracy(orig, conv, tolerance=5.0, two_sided=False)["warning"] is None
+    assert paired_accuracy(src, conv, tolerance=5.0, two_sided=False)["warning"] is None
 
 
-def test_a_test_set_too_small_for_the_tolerance_is_flagged(student, encoded):
-    model, _ = student
+def test_a_test_set_too_small_for_the_tolerance_is_flagged(source, encoded):
+    model, _ = source
     e = encoded
     small = Encoded(e.input_ids[:90], e.attention_mask[:90], e.token_type_ids[:90], e.labels[:90])
     result = CompatibilityTestSuite(model, copy.deepcopy(model), small, FAST).run()
@@ -335,16 +355,16 @@ def test_latency_statistics_come_from_the_benchmark_measurement():
     assert steady["noisy"] is False
 
 
-def test_latency_takes_at_least_the_requested_measurements(student, encoded):
-    model, _ = student
+def test_latency_takes_at_least_the_requested_measurements(source, encoded):
+    model, _ = source
     e = measure_latency(model, encoded, batch_size=1, seq_len=16, warmup=1, repeats=7, threads=1, min_run_s=0.01)
     assert e["measurements"] >= 7 and e["warmup"] == 1 and e["median_ms"] > 0 and e["seq_len"] == 16
 
 
 # ----------------------------------------------------------------------------------------------- attention
 
-def test_sdpa_models_still_get_their_attention_compared(student, encoded):
-    model, _ = student
+def test_sdpa_models_still_get_their_attention_compared(source, encoded):
+    model, _ = source
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     for m in (a, b):
         m.set_attn_implementation("sdpa")

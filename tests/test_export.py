@@ -29,13 +29,9 @@ FAST = dict(latency_repeats=2)
 
 
 def mobilebert(vocab_size: int, layers: int = 2, scale_nonorm: float = 1.0):
-    from transformers import MobileBertConfig, MobileBertForSequenceClassification
+    from transformers import MobileBertForSequenceClassification
 
-    cfg = MobileBertConfig(hidden_size=256, intra_bottleneck_size=64, num_attention_heads=2, num_hidden_layers=layers,
-                           embedding_size=64, intermediate_size=256, num_feedforward_networks=2,
-                           vocab_size=vocab_size, num_labels=4, id2label=dict(enumerate(helpers.LABELS)),
-                           label2id={n: i for i, n in enumerate(helpers.LABELS)})
-    cfg._attn_implementation = "eager"
+    cfg = helpers.mobilebert_config(num_hidden_layers=layers, vocab_size=vocab_size)
     torch.manual_seed(0)
     model = MobileBertForSequenceClassification(cfg).eval()
     with torch.no_grad():  # NoNorm is an unbounded affine map: scaling it mimics MobileBERT's huge activations
@@ -141,7 +137,18 @@ def test_int8_is_smaller_and_reports_agreement_and_latency(which, request):
         assert all(v > 0 for v in artifact["latency"].values())
     out = json.loads((Path(report["out_dir"]) / "export.json").read_text())
     assert out["schema_version"] == 1 and out["artifacts"]["onnx-int8"]["size_mb"] == int8["size_mb"]
-    assert {"torch", "onnxruntime", "coremltools"} <= set(out["versions"])
+    assert {"mbconvert", "torch", "onnxruntime", "coremltools"} <= set(out["versions"])
+
+
+def test_versions_name_mbconvert_the_core_packages_and_the_backends_asked_for():
+    """One versions() for every report: installed packages have a version, missing ones None."""
+    import mbconvert
+    from mbconvert.environment import versions
+
+    v = versions("onnxruntime", "no-such-package-mbconvert")
+    assert v["mbconvert"] == mbconvert.__version__ and v["torch"] == torch.__version__
+    assert v["numpy"] == np.__version__ and v["onnxruntime"] and v["no-such-package-mbconvert"] is None
+    assert {"python", "platform", "cpu_count", "transformers"} <= set(v)
 
 
 def test_int8_accuracy_is_measured_on_labelled_data(mobilebert_export):

@@ -381,6 +381,23 @@ def test_file_writers_round_trip_with_usual_permissions_and_same_bytes(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["r.json", "s.pt", "t.txt"]
 
 
+def test_write_json_turns_tensors_and_numpy_values_into_plain_json(tmp_path):
+    import numpy as np
+
+    obj = {"t": torch.tensor([[1, 2], [3, 4]]), "s": torch.tensor(0.5), "n": np.float32(2.0), "a": np.arange(3)}
+    write_json(tmp_path / "r.json", obj)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"t": [[1, 2], [3, 4]], "s": 0.5, "n": 2.0, "a": [0, 1, 2]}
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "bad.json", {"x": object()})
+
+
+def test_importing_the_gate_does_not_import_torch():
+    """The gate reads two JSON reports in CI: importing it (and fileio, through report) must not load torch."""
+    code = "import mbconvert.gating, mbconvert.fileio, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("writer", ["bytes", "json", "torch"])
 def test_planted_symlinks_are_never_followed(tmp_path, writer):
     victim = tmp_path / "victim.txt"

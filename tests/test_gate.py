@@ -22,7 +22,7 @@ CHECK_FAST = ["--repeats", "2", "--threads", "1"]
 
 @pytest.fixture(scope="module")
 def reports(trained_student, task_data, tmp_path_factory):
-    """A baseline (the student checked against itself) and a damaged copy's report (classifier bias shifted)."""
+    """A baseline (the source model checked against itself) and a damaged copy's report (classifier bias shifted)."""
     d = tmp_path_factory.mktemp("gate")
     damaged = d / "damaged"
     model = BertForSequenceClassification.from_pretrained(str(trained_student), attn_implementation="eager")
@@ -131,7 +131,8 @@ def test_latency_gate_refuses_reports_from_other_threads_or_machines(reports, tm
     ("future_schema", "report schema 99"),
     ("incomplete", "incomplete report"),
     ("other_data", "different test data"),
-    ("other_original", "different original model"),
+    ("old_schema", "report schema 2 is from an older mbconvert"),
+    ("other_source", "different source model"),
     ("empty_latency", "no latency measurements"),
     ("no_batch_size", "latency[0].batch_size"),
     ("string_accuracy", "models.converted.accuracy is '0.9', not a number"),
@@ -144,7 +145,9 @@ def test_bad_reports_are_bad_input(reports, tmp_path, capsys, case, message):
         "future_schema": lambda r: r.update(schema_version=99),
         "incomplete": lambda r: r["models"]["converted"].pop("accuracy"),
         "other_data": lambda r: r["inputs"].update(data_sha256="0" * 64),
-        "other_original": lambda r: r["models"]["original"].update(weights_sha256="0" * 64),
+        "old_schema": lambda r: r.update(schema_version=2, models={"original": r["models"]["source"],
+                                                                  "converted": r["models"]["converted"]}),
+        "other_source": lambda r: r["models"]["source"].update(weights_sha256="0" * 64),
         "empty_latency": lambda r: r["models"]["converted"].update(latency=[]),
         "no_batch_size": lambda r: r["models"]["converted"]["latency"][0].pop("batch_size"),
         "string_accuracy": lambda r: r["models"]["converted"].update(accuracy="0.9"),

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import helpers
 from mbconvert import errors
-from mbconvert.fileio import safe_torch_load
+from mbconvert.safeload import safe_torch_load
 from mbconvert.load import infer_config, load_classifier, load_student, source_from_model
 
 

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import helpers
-from mbconvert.mapping import MobileBERTAdapter, evaluate_mapping
+from transformers import MobileBertForSequenceClassification
+
+from mbconvert.layer_mapping import LayerMapper
+from mbconvert.mapping import MobileBERTAdapter, TeacherActivations, evaluate_mapping, weight_importance
 from mbconvert.cli import main
 from mbconvert.config import ConvertConfig
 from mbconvert.data import encode, read_examples
@@ -35,6 +38,41 @@ def held_out(source, task_data):
 @pytest.fixture(scope="module")
 def mapped(source, calib):
     return MobileBERTAdapter(ConvertConfig(bottleneck=64, ffn=4)).convert(source, calib)
+
+
+def test_layer_activations_are_the_students_states_on_real_tokens(source, calib):
+    """TeacherActivations.layer(i): layer i's input, post-attention state and output, padding dropped."""
+    teacher, i = source.model, 1
+    with torch.no_grad():
+        layer = TeacherActivations(teacher, calib).layer(i)
+        t = teacher.bert.encoder.layer[i]
+        post_attention = t.attention(layer.x_seq, attention_mask=layer.mask4d)[0]
+        output = t(layer.x_seq, attention_mask=layer.mask4d)
+    real_tokens = int(calib.attention_mask.sum())
+    assert layer.x.shape == layer.s.shape == layer.out.shape == (real_tokens, teacher.config.hidden_size)
+    assert torch.equal(layer.x, layer.x_seq[layer.mask])
+    assert torch.allclose(layer.s, layer.flat(post_attention), atol=1e-5)
+    assert torch.allclose(layer.out, layer.flat(output), atol=1e-5)
+
+
+def test_one_layer_mapped_alone_reproduces_the_students_layer(source, calib):
+    """LayerMapper fed the student's own layer input: what it returns is what the mapped MobileBERT layer computes,
+    zero at padding, and close to the student's layer output."""
+    teacher, i = source.model, 0
+    adapter = MobileBERTAdapter(ConvertConfig(bottleneck=64, ffn=4))
+    mc = adapter.target_config(teacher.config)
+    mobile_layer = MobileBertForSequenceClassification(mc).eval().mobilebert.encoder.layer[i]
+    heads, neurons = weight_importance(teacher)
+    with torch.no_grad():
+        layer = TeacherActivations(teacher, calib).layer(i)
+        mapper = LayerMapper(adapter.config, teacher.bert.encoder.layer[i], mobile_layer, mc, heads[i], neurons[i])
+        report, out = mapper.run(layer, layer.x_seq)
+        computed = mobile_layer(layer.x_seq, attention_mask=layer.mask4d)
+    assert out.shape == layer.x_seq.shape and out[~layer.mask].abs().max() == 0
+    assert torch.allclose(layer.flat(out), layer.flat(computed), atol=1e-4)
+    cosine = torch.nn.functional.cosine_similarity(layer.flat(out), layer.out, dim=-1)
+    assert cosine.mean() > 0.95
+    assert {"stream_energy", "attention", "ffn", "output_fit_r2"} <= set(report)
 
 
 def test_embedding_factorisation_error_is_the_dropped_singular_values(source, mapped):

@@ -20,9 +20,11 @@ from mbconvert.config import ConvertConfig, RecoveryConfig, RunOptions
 from mbconvert.data import Encoded, load_encoded
 from mbconvert.errors import ConfigError, DataError, TrainingDivergedError
 from mbconvert.load import load_student
-from mbconvert.losses import LOSSES, attention_kl_mapped, attention_kl_mean_heads, kd_logits, relation_kl
+from mbconvert.losses import (LOSSES, attention_kl_mapped, attention_kl_mean_heads, kd_logits, masked_row_kl,
+                              relation_kl)
 from mbconvert.data import bucketed_batches, mix_tokens
-from mbconvert.recovery import plan_stages, recover
+from mbconvert.recovery import recover
+from mbconvert.recovery_plan import plan_stages
 
 QUIET = RunOptions(progress=False)
 
@@ -87,6 +89,24 @@ def test_attention_losses_and_kd_vanish_on_identical_inputs():
     logits = torch.randn(4, 3)
     assert kd_logits(logits, logits).item() == pytest.approx(0, abs=1e-6)
     assert set(LOSSES) >= {"hidden_mse", "relation_kl", "attention_kl_mean_heads", "kd_logits"}
+
+
+def test_masked_attention_kl_counts_only_real_keys_and_query_rows():
+    """The one masked KL (recovery's attention losses and the check's similarity): padding keys and padding query
+    rows never count; "mean" averages the real rows, "sum" adds them."""
+    torch.manual_seed(0)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    p, q = (torch.randn(2, 3, 6, 6).masked_fill(~mask[:, None, None, :].bool(), -1e9).log_softmax(-1)
+            for _ in range(2))
+    mean, total = masked_row_kl(p, q, mask), masked_row_kl(p, q, mask, "sum")
+    real_rows = 3 * int(mask.sum())  # heads × real query rows
+    assert mean.item() > 0 and total.item() == pytest.approx(mean.item() * real_rows, rel=1e-5)
+    changed = q.clone()
+    changed[1, :, 4:, :] = torch.randn(3, 2, 6).log_softmax(-1)  # padding query rows
+    changed[1, :, :, 4:] = 5.0  # padding keys
+    assert masked_row_kl(p, changed, mask).item() == pytest.approx(mean.item(), rel=1e-6)
+    assert masked_row_kl(p, p, mask).item() == pytest.approx(0, abs=1e-7)
 
 
 # -------------------------------------------------------------------- recovery

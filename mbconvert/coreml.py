@@ -1,0 +1,144 @@
+"""Core ML export (part of stage 5, see mbconvert.export): an ML Program with FP16 compute unless the model would
+overflow FP16, batch 1 and a flexible or fixed sequence length; then what Linux can check of it (the spec) and,
+on macOS only, prediction parity with PyTorch.
+
+coremltools is optional and imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ExportConfig
+from .export import INPUT_NAMES, Inputs, LogitsWrapper, compare, size_mb
+
+FP16_MAX = 65504.0
+FP16_MASK_VALUE = -3.0e4  # large enough to zero a softmax term, small enough not to overflow FP16
+
+
+@torch.no_grad()
+def _activation_stats(wrapper: LogitsWrapper, feeds: list[torch.Tensor]) -> tuple[float, bool]:
+    """(peak |output|, all outputs finite) over every submodule's floating-point output."""
+    peak, finite = 0.0, True
+
+    def hook(_module, _inp, out):
+        nonlocal peak, finite
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            peak = max(peak, float(out.abs().max()))
+            finite = finite and bool(torch.isfinite(out).all())
+
+    handles = [m.register_forward_hook(hook) for m in wrapper.modules()]
+    try:
+        wrapper.eval()(*feeds)
+    finally:
+        for h in handles:
+            h.remove()
+    return peak, finite
+
+
+def fp16_check(model: nn.Module, inputs: Inputs) -> dict:
+    """Does the model survive FP16? Peak |activation| in FP32 vs 65504, and a real FP16 run for inf/NaN.
+
+    The peak catches overflows that tanh/softmax would hide; the FP16 run catches ones inside attention.
+    """
+    feeds = [torch.from_numpy(v) for v in inputs.feeds().values()]
+    fp32_peak, _ = _activation_stats(LogitsWrapper(model), feeds)
+    _, finite = _activation_stats(LogitsWrapper(copy.deepcopy(model).half(), FP16_MASK_VALUE), feeds)
+    return {"peak_abs_activation": fp32_peak, "fp16_finite": finite, "ok": fp32_peak < FP16_MAX and finite}
+
+
+def _convert(traced, inputs: Inputs, config: ExportConfig, use_fp16: bool, max_positions: int):
+    """ct.convert with int32 inputs of batch 1 and a flexible (range) or fixed sequence length."""
+    import coremltools as ct
+
+    max_len = min(config.max_seq_len, max_positions)
+    seq = config.seq_len or ct.RangeDim(1, max_len, default=min(inputs.seq_len, max_len))
+    return ct.convert(
+        traced, convert_to="mlprogram",
+        inputs=[ct.TensorType(name=name, shape=(1, seq), dtype=np.int32) for name in INPUT_NAMES],
+        outputs=[ct.TensorType(name="logits")],
+        compute_precision=ct.precision.FLOAT16 if use_fp16 else ct.precision.FLOAT32,
+        minimum_deployment_target=ct.target.iOS16 if config.coreml_quantize else ct.target.iOS15)
+
+
+def export_coreml(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig) -> dict:
+    """ML Program with FP16 compute unless the model overflows FP16; batch 1, flexible or fixed length."""
+    report: dict = {}
+    use_fp16 = config.coreml_precision == "fp16"
+    if use_fp16:
+        report["fp16_check"] = check = fp16_check(model, inputs)
+        if not check["ok"]:
+            use_fp16 = False
+            report["warning"] = (
+                f"FP16 would overflow (peak |activation| {check['peak_abs_activation']:.3g} vs {FP16_MAX:g}, "
+                f"finite in FP16: {check['fp16_finite']}): Core ML model exported with FP32 compute precision")
+    wrapper = LogitsWrapper(model, FP16_MASK_VALUE if use_fp16 else torch.finfo(torch.float32).min).eval()
+    example = tuple(torch.from_numpy(v[:1]) for v in inputs.feeds().values())
+    # coremltools' numpy warnings are benign here: a cast overflow in its range analysis, and 0/0 scales for
+    # all-zero weight rows (the padding embedding) that dequantise to exactly 0 anyway
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        traced = torch.jit.trace(wrapper, example)
+        mlmodel = _convert(traced, inputs, config, use_fp16, model.config.max_position_embeddings)
+        if config.coreml_quantize:
+            from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OptimizationConfig,
+                                                     linear_quantize_weights)
+
+            mlmodel = linear_quantize_weights(mlmodel, OptimizationConfig(
+                global_config=OpLinearQuantizerConfig(mode="linear_symmetric")))
+    mlmodel.save(str(path))
+    report.update(precision="fp16" if use_fp16 else "fp32", weights_8bit=config.coreml_quantize)
+    return report
+
+
+def inspect_coreml(path: Path) -> dict:
+    """What Linux can check: the spec loads; input/output names and shapes; MIL op count; weight bytes."""
+    import coremltools as ct
+
+    ct.models.MLModel(str(path), skip_model_load=True)
+    spec = ct.utils.load_spec(str(path))
+
+    def describe(feature) -> dict:
+        arr = feature.type.multiArrayType
+        ranges = [[r.lowerBound, r.upperBound] for r in arr.shapeRange.sizeRanges]
+        return {"name": feature.name, "shape": list(arr.shape), "ranges": ranges or None}
+
+    blocks = spec.mlProgram.functions["main"].block_specializations.values()
+    weights = path / "Data" / "com.apple.CoreML" / "weights"
+    return {"inputs": [describe(f) for f in spec.description.input],
+            "outputs": [describe(f) for f in spec.description.output],
+            "mil_ops": sum(len(b.operations) for b in blocks),
+            "weights_mb": size_mb(weights) if weights.exists() else 0.0,
+            "spec_version": spec.specificationVersion}
+
+
+def coreml_logits(path: Path, inputs: Inputs) -> np.ndarray:
+    """Predictions one row at a time (the package takes batch 1); only possible on macOS."""
+    import coremltools as ct
+
+    mlmodel = ct.models.MLModel(str(path))
+    rows = [mlmodel.predict({k: v.astype(np.int32) for k, v in inputs.feeds(i, i + 1).items()})["logits"]
+            for i in range(len(inputs.input_ids))]
+    return np.concatenate([np.asarray(r).reshape(1, -1) for r in rows])
+
+
+def export_coreml_format(model, tmp: Path, inputs: Inputs, reference: np.ndarray, config: ExportConfig) -> dict:
+    path = tmp / "model.mlpackage"
+    report = export_coreml(model, path, inputs, config)
+    report.update(file=path.name, size_mb=size_mb(path), spec=inspect_coreml(path))
+    if platform.system() == "Darwin":
+        exact = report["precision"] == "fp32" and not config.coreml_quantize
+        atol = config.parity_atol if exact else 1e-2 * float(np.abs(reference).max())  # FP16/8-bit: 1% of range
+        report["parity"] = compare(reference, coreml_logits(path, inputs), atol)
+    else:
+        report["parity"] = None
+        report["note"] = (f"Core ML predictions need macOS (this is {platform.system()}): the package was "
+                          "validated by its spec only, prediction parity was not measured")
+    return report
