@@ -136,7 +136,7 @@ def recover_model(mobile, teacher, train, dev, budget_s, seed, cache, overrides=
 
 def time_to_band(summary: dict, band: float) -> float | None:
     for _, seconds, acc in summary["accuracy_curve"]:
-        if acc is not None and acc >= summary["teacher_accuracy"] - band:
+        if acc is not None and acc >= summary["source_accuracy"] - band:
             return seconds
     return None
 
@@ -147,7 +147,7 @@ def run(suite: str, mode: str, seed: int, budget_s: float | None = None, repeat:
     from mbconvert.mapping import MobileBERTAdapter, evaluate_mapping
     from mbconvert.config import ConvertConfig
     from mbconvert.data import load_encoded
-    from mbconvert.load import load_student
+    from mbconvert.load import load_source
     from mbconvert.recovery import teacher_logits
 
     spec, budgets = SUITES[suite], dict(MODES[mode])
@@ -162,7 +162,7 @@ def run(suite: str, mode: str, seed: int, budget_s: float | None = None, repeat:
         subprocess.run(spec["train"], cwd=ROOT, check=True)
     torch.set_num_threads(2)
     torch.manual_seed(seed)
-    student = load_student(spec["student"])
+    student = load_source(spec["student"])
     tok, cfg = student.tokenizer, student.config
     data = spec["data"]
     train = load_encoded(data / "train.jsonl", tok, cfg, require_labels=True)
@@ -308,7 +308,7 @@ def plot(results: dict, path: Path) -> None:
     for name, s in results["curves"].items():
         pts = [(sec / 60, acc) for _, sec, acc in s["accuracy_curve"] if acc is not None]
         ax.plot(*zip(*pts), marker=".", label=name)
-    teacher = next(iter(results["curves"].values()))["teacher_accuracy"]
+    teacher = next(iter(results["curves"].values()))["source_accuracy"]
     ax.axhline(teacher, color="k", lw=0.8, label="student")
     ax.axhline(teacher - 0.01, color="k", lw=0.8, ls="--", label="student − 1 pt")
     ax.set_xlabel("recovery wall time (min)")
@@ -358,7 +358,7 @@ def main() -> None:
     wall = time.time() - start
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{a.suite}-{mode}"
-    curves = {k: {kk: v[kk] for kk in ("accuracy_curve", "teacher_accuracy", "wall_s", "steps")}
+    curves = {k: {kk: v[kk] for kk in ("accuracy_curve", "source_accuracy", "wall_s", "steps")}
               for k, v in results["curves"].items()}
     (stem.with_suffix(".json")).write_text(json.dumps({**results, "curves": curves, "wall_s": wall}, indent=1,
                                                       default=float), encoding="utf-8")

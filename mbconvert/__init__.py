@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 # name → module; no public name is also a submodule's name (importing the submodule would shadow it)
 _LAZY = {
-    "load_student": "load",
+    "load_source": "load",
     "load_classifier": "load",
     "source_from_model": "load",
     "MobileBERTAdapter": "mapping",
@@ -24,6 +24,7 @@ _LAZY = {
     "recover_checkpoint": "pipeline",
     "check_checkpoint": "pipeline",
     "export_checkpoint": "pipeline",
+    "prune_checkpoint": "pipeline",
 }
 
 

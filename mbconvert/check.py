@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import CheckConfig
+from .environment import versions
 from .data import Encoded
 from .errors import DataError, ShapeMismatchError
 from .report import SCHEMA_VERSION, render_summary, write_report
@@ -317,12 +318,3 @@ def cpu_model() -> str:
         pass
     return platform.processor() or platform.machine()
 
-
-def versions() -> dict:
-    import transformers
-
-    from . import __version__
-
-    return {"mbconvert": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count()}

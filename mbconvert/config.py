@@ -57,7 +57,7 @@ class ConvertConfig(_Config):
     heads_out: int | None = option(None, "MobileBERT attention heads (default: bottleneck/32, at most the source's)")
     intermediate_size: int | None = option(None, "width of each stacked FFN (default: 4 × bottleneck)")
     embedding_size: int | None = option(None, "factorised word-embedding width (default: 128, at most the source's "
-                                              "hidden size)")
+                                              "hidden size and vocabulary)")
     norm: str = option("no_norm", "normalisation: no_norm (MobileBERT, fast) or layer_norm (fidelity)",
                        choices=("no_norm", "layer_norm"))
     act: str = option("relu", "FFN activation: relu (MobileBERT) or gelu", choices=("relu", "gelu"))
@@ -66,6 +66,11 @@ class ConvertConfig(_Config):
     calib_max_length: int | None = option(None, "calibration sequence length (default: the data's 99th "
                                                 "percentile, at most 128)")
     ridge: float = option(1e-3, "relative ridge of the least-squares fits")
+    prune_vocab: bool = option(False, "prune the word embeddings and the tokenizer to the special tokens and the "
+                                      "tokens of the task's texts (--vocab-from, else --train, else --calib)")
+    vocab_min_count: int = option(1, "with --prune-vocab: keep only the tokens seen at least this many times")
+    vocab_size: int | None = option(None, "with --prune-vocab: keep at most this many tokens, special tokens "
+                                          "included (the most frequent; ties: the lower id)")
     seed: int = option(0, "random seed")
 
     def __post_init__(self):
@@ -80,6 +85,11 @@ class ConvertConfig(_Config):
         _number("calib_samples", self.calib_samples, 1, integer=True)
         _number("calib_max_length", self.calib_max_length, 2, integer=True, optional=True)
         _number("ridge", self.ridge, 0)
+        _check(isinstance(self.prune_vocab, bool), f"prune_vocab must be True or False, not {self.prune_vocab!r}")
+        _number("vocab_min_count", self.vocab_min_count, 1, integer=True)
+        _number("vocab_size", self.vocab_size, 1, integer=True, optional=True)
+        _check(self.prune_vocab or (self.vocab_min_count == 1 and self.vocab_size is None),
+               "vocab_min_count and vocab_size select the tokens --prune-vocab keeps: pass --prune-vocab too")
         _number("seed", self.seed, 0, integer=True)
 
 

@@ -327,6 +327,18 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return _write_atomically(path, lambda f: f.write(text.encode(encoding)))
 
 
+def read_json(path: str | os.PathLike, error: type[Exception], missing: str = "no such file"):
+    """The JSON value in `path`, or one line as `error` (missing: `path: {missing}`; unreadable: what is wrong)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        detail = getattr(e, "msg", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise error(f"{path}: not valid JSON ({detail})") from None
+
+
 def write_json(path: str | os.PathLike, obj) -> Path:
     """Write JSON atomically (indent 2, UTF-8, a final newline; tensors and numbers become plain JSON)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")

@@ -9,12 +9,12 @@ across machines measures the machines. Reading a report needs no torch, so the g
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import GateConfig
+from .fileio import read_json
 from .errors import ConfigError, DataError
 from .report import SCHEMA_VERSION
 
@@ -91,12 +91,7 @@ def load_report(path: str | Path) -> dict:
     """A report.json with the numbers the gate needs, of the right types, or a one-line DataError saying what is
     wrong (a hand-edited or truncated report must not pass or fail the gate by accident)."""
     path = Path(path)
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such report (run `mbconvert check` first)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a readable report.json ({str(e).splitlines()[0][:120]})") from None
+    report = read_json(path, DataError, missing="no such report (run `mbconvert check` first)")
     if not isinstance(report, dict) or "schema_version" not in report:
         raise DataError(f"{path}: not an mbconvert report (no schema_version)")
     version = report["schema_version"]

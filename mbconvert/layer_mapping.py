@@ -11,12 +11,12 @@ The block diagram of mbconvert.mapping, one layer, labelled with the names the c
                   z ─ N × [up ─ act ─ down ─(+z)─ NoNorm] ─ z_ffn ─ output.bottleneck.dense ─(+xm)─ NoNorm ─ out
 
 Symbols:
-  H, b            inter-block width (the student's hidden size) and intra-block width (the bottleneck)
-  A, d            the student's heads and head size (d = H/A); heads, dd (d_out): MobileBERT's (dd = b/heads)
-  x, x_seq        the student's layer input: flat (real tokens × H) / padded (batch × seq × H)
+  H, b            inter-block width (the source's hidden size) and intra-block width (the bottleneck)
+  A, d            the source's heads and head size (d = H/A); heads, dd (d_out): MobileBERT's (dd = b/heads)
+  x, x_seq        the source's layer input: flat (real tokens × H) / padded (batch × seq × H)
   xm, x_mobile    the MobileBERT's own layer input, flat / padded: fits use it, so earlier layers' errors are
                   corrected rather than compounded
-  s, out          the student's post-attention state (LN1 output, the FFN input) and layer output (LN2 output)
+  s, out          the source's post-attention state (LN1 output, the FFN input) and layer output (LN2 output)
   Q, mu           s's b principal directions (b × H rows) and mean μ: the stream carries z = Q·(s − μ)
   z               the intra-block stream (b): after the attention-output norm ≈ Q·(s − μ); after FFN group k
                   ≈ Q·(partial − μ)
@@ -30,12 +30,12 @@ Symbols:
                   and g·root's singular values
   reduce, expand  basisᵀ·inv_root (x → u) and root·basis (u → x)
   u               bottleneck.attention's output: the shared query/key input (b)
-  scale           √dd/√d: the student's scores divide by √d, MobileBERT's by √dd
+  scale           √dd/√d: the source's scores divide by √d, MobileBERT's by √dd
   ov              into_stream·W_o,j·W_v,j: kept head j's value → stream product (b × H)
   context         MobileBERT's multi-head attention output, before attention.output.dense
   layer_input     bottleneck.input(xm): the residual path of x into the stream
-  w1, b1, w2, b2  the student's FFN input and output projections
-  pre_all, p      the student's FFN pre-activations on s (tokens × neurons); p: one neuron's
+  w1, b1, w2, b2  the source's FFN input and output projections
+  pre_all, p      the source's FFN pre-activations on s (tokens × neurons); p: one neuron's
   a, c            per-neuron GELU → ReLU calibration: relu(a·p + c) ≈ gelu(p)
   partial         s plus the FFN groups mapped so far (+ b2 after the last): each FFN block's target
   up, down, norm  one MobileBERT FFN block: intermediate.dense, output.dense, output.LayerNorm
@@ -266,7 +266,7 @@ class LayerMapper:
 
     # ---- feed-forward networks ---------------------------------------------------------------
     def _ffns(self, z, s, w1, b1) -> torch.Tensor | None:
-        """Split the student's FFN neurons into the N stacked FFNs (balanced importance); returns z_ffn."""
+        """Split the source's FFN neurons into the N stacked FFNs (balanced importance); returns z_ffn."""
         t, m, mc = self.t, self.m, self.mc
         w2, b2 = self.w(t.output.dense)
         n, size = mc.num_feedforward_networks, mc.intermediate_size
@@ -275,7 +275,7 @@ class LayerMapper:
         blocks.append((m.intermediate.dense, m.output.dense, m.output.LayerNorm))
         total = float(self.neuron_importance.sum().clamp_min(1e-30))
         pre_all = s.to(F64) @ w1.T + b1 if s is not None else None
-        partial = s.to(F64) if s is not None else None  # the student's state after the FFN groups so far
+        partial = s.to(F64) if s is not None else None  # the source's state after the FFN groups so far
         report = {"neurons_kept": sum(len(g) for g in groups), "neurons_total": int(w1.shape[0]),
                   "importance_share_per_ffn": [], "relu_fit_r2": [], "fit_r2": []}
         for k, (group, block) in enumerate(zip(groups, blocks)):
@@ -302,7 +302,7 @@ class LayerMapper:
         return torch.ones(n, dtype=F64), torch.zeros(n, dtype=F64)
 
     def _map_ffn(self, k, block, idx, a, c, first, second) -> tuple[torch.Tensor, torch.Tensor]:
-        """FFN block k from the student's neurons `idx` in stream coordinates (data-free). `first` = (w1, b1),
+        """FFN block k from the source's neurons `idx` in stream coordinates (data-free). `first` = (w1, b1),
         `second` = (w2, b2 or None: only the last block adds b2). Returns the up-projection (w_up, b_up)."""
         up, down, norm = block
         (w1, b1), (w2, b2) = first, second

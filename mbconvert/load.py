@@ -1,4 +1,4 @@
-"""Stage 1 — load: read a student in any supported format into one canonical BERT classifier.
+"""Stage 1 — load: read a source model in any supported format into one canonical BERT classifier.
 
 Accepted: a state dict (.pt/.bin, with or without bert./roberta./module. prefixes and the head), a safetensors
 file, a Hugging Face model folder (config.json + weights + tokenizer), UER-py native names, or an in-memory
@@ -40,7 +40,7 @@ MAX_ROWS = {"word_embeddings": 2**20, "position_embeddings": 2**17, "token_type_
 
 @dataclass
 class SourceModel:
-    """A loaded student: the canonical BERT classifier plus what was learned while loading it."""
+    """A loaded source model: the canonical BERT classifier plus what was learned while loading it."""
 
     model: BertForSequenceClassification
     tokenizer: object | None
@@ -252,9 +252,9 @@ def source_from_model(model, tokenizer=None, *, heads: int | None = None, num_la
     return SourceModel(canonical, tok, family.FAMILY, has_head, f"<in-memory {type(model).__name__}>", ignored)
 
 
-def load_student(source, *, heads: int | None = None, tokenizer=None, num_labels: int | None = None,
+def load_source(source, *, heads: int | None = None, tokenizer=None, num_labels: int | None = None,
                  labels: str | Path | None = None, require_tokenizer: bool = True, seed: int = 0) -> SourceModel:
-    """Load a student (a checkpoint of any supported format, or an in-memory model: see source_from_model)
+    """Load a source model (a checkpoint of any supported format, or an in-memory model: see source_from_model)
     into a canonical BertForSequenceClassification.
 
     Class names come from `labels` (a labels.json: a JSON list of names by id), else config.json, else a
@@ -303,7 +303,7 @@ def is_converted(path) -> bool:
 
 def load_converted(folder: Path):
     """A converted MobileBERT folder, read without from_pretrained's loader: config.json is validated, the
-    weights are read like a student's (safetensors, or weights_only with size checks: never code), and every
+    weights are read like a source model's (safetensors, or weights_only with size checks: never code), and every
     tensor's shape is compared with the model the config describes (built on the meta device) first."""
     from transformers import MobileBertConfig, MobileBertForSequenceClassification
 
@@ -331,7 +331,7 @@ def load_converted(folder: Path):
 
 
 def load_classifier(source, *, tokenizer=None, heads: int | None = None):
-    """(model, tokenizer) for any model a stage may be handed: a converted MobileBERT folder, a student
+    """(model, tokenizer) for any model a stage may be handed: a converted MobileBERT folder, a source model
     checkpoint, or an in-memory model (a MobileBERT is used as it is)."""
     if isinstance(source, nn.Module):
         if is_converted(source):
@@ -341,7 +341,7 @@ def load_classifier(source, *, tokenizer=None, heads: int | None = None):
     path = Path(source)
     if is_converted(path):
         return load_converted(path), load_tokenizer(tokenizer if tokenizer is not None else path)
-    src = load_student(path, heads=heads, tokenizer=tokenizer)
+    src = load_source(path, heads=heads, tokenizer=tokenizer)
     return src.model, src.tokenizer
 
 

@@ -1,7 +1,7 @@
 """Stage 2 — map: the MobileBERTAdapter turns a BERT classifier into a MobileBertForSequenceClassification.
 
 The two blocks differ in shape, so weights cannot be copied; each piece is derived and, given
-calibration text, fitted to the student's own activations (least squares on real tokens):
+calibration text, fitted to the source's own activations (least squares on real tokens):
 
   BERT layer (width H)                         MobileBERT layer (inter-block H, intra-block b)
   x ─ attention(8 heads of 64) ─ LN ─┐         x ─ bottleneck ─ attention(4 heads of b/4) ─ NoNorm ─┐
@@ -18,7 +18,7 @@ calibration text, fitted to the student's own activations (least squares on real
   target head size; each head's value·output product is truncated the same way into the stream.
 - FFN: neurons ranked by Taylor importance and split into the N stacked FFNs with balanced importance;
   GELU→ReLU by a per-neuron fit relu(a·p + c) ≈ gelu(p) on the neuron's own pre-activations.
-- LayerNorm→NoNorm: every norm's per-feature scale/shift is fitted by least squares to what the student
+- LayerNorm→NoNorm: every norm's per-feature scale/shift is fitted by least squares to what the source
   computes at that point (linearised LayerNorm, γ/σ̄ and β, without data).
 - With data, every projection is then refitted by ridge least squares on the MobileBERT's own inputs
   (layer by layer, so errors of earlier layers are corrected, not compounded).
@@ -56,13 +56,14 @@ class MobileBERTAdapter:
 
     # ---------------------------------------------------------------- target shape
     def embedding_size(self, src) -> int:
-        """The factorised embedding width: the config's, else MobileBERT's 128 (at most the source's hidden size)."""
-        return self.config.embedding_size or min(128, src.hidden_size)
+        """The factorised embedding width: the config's, else MobileBERT's 128 (at most the source's hidden size and
+        vocabulary: a pruned vocabulary can be smaller)."""
+        return self.config.embedding_size or min(128, src.hidden_size, src.vocab_size)
 
     def target_config(self, src) -> MobileBertConfig:
         c, H = self.config, src.hidden_size
         if not 0 < c.bottleneck < H:
-            raise ConfigError(f"bottleneck {c.bottleneck} must be smaller than the student's hidden size {H}")
+            raise ConfigError(f"bottleneck {c.bottleneck} must be smaller than the source's hidden size {H}")
         if c.ffn < 1:
             raise ConfigError("--ffn must be at least 1")
         e = self.embedding_size(src)
@@ -70,7 +71,7 @@ class MobileBERTAdapter:
             raise ConfigError(f"embedding size {e} must be in 1..{min(H, src.vocab_size)}")
         heads = c.heads_out or default_heads(c.bottleneck, src.num_attention_heads)
         if heads > src.num_attention_heads:
-            raise ConfigError(f"--heads-out {heads} exceeds the student's {src.num_attention_heads} heads")
+            raise ConfigError(f"--heads-out {heads} exceeds the source's {src.num_attention_heads} heads")
         if c.bottleneck % heads:
             raise ConfigError(f"bottleneck {c.bottleneck} is not divisible by {heads} heads")
         if c.norm not in ("no_norm", "layer_norm") or c.act not in ("relu", "gelu"):
@@ -154,7 +155,7 @@ DERIVED_FIELDS = ("hidden_size", "intra_bottleneck_size", "num_attention_heads",
 
 
 def default_heads(bottleneck: int, source_heads: int) -> int:
-    """MobileBERT's head size is 32 (4 heads for b = 128); never more heads than the student has."""
+    """MobileBERT's head size is 32 (4 heads for b = 128); never more heads than the source has."""
     heads = max(1, min(bottleneck // 32, source_heads))
     while bottleneck % heads:
         heads -= 1
@@ -233,7 +234,7 @@ def embeddings_output(mobile, calib: Encoded) -> torch.Tensor:
 # -------------------------------------------------------------------- importance
 def taylor_importance(teacher, calib: Encoded, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Michel et al. (2019) head importance and its FFN-neuron analogue: E|∂loss/∂gate| with every gate
-    at 1, the loss being cross-entropy against the labels (or the student's own predictions)."""
+    at 1, the loss being cross-entropy against the labels (or the source's own predictions)."""
     c = teacher.config
     d = c.hidden_size // c.num_attention_heads
     head_gate = torch.ones(c.num_hidden_layers, c.num_attention_heads, requires_grad=True)
@@ -278,7 +279,7 @@ def weight_importance(teacher) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -------------------------------------------------------------------- end to end
 def evaluate_mapping(teacher, mobile, encoded: Encoded, seed: int = 0) -> dict:
-    """Agreement and per-layer cosine vs the student, for the mapped model and a random init."""
+    """Agreement and per-layer cosine vs the source, for the mapped model and a random init."""
     from .similarity import compare
 
     torch.manual_seed(seed)
@@ -290,6 +291,6 @@ def evaluate_mapping(teacher, mobile, encoded: Encoded, seed: int = 0) -> dict:
                         "layer_rel_mse": cmp.layer_rel_mse}
         if encoded.labels is not None:
             result[name]["accuracy"] = float((cmp.logits_b.argmax(-1) == encoded.labels).float().mean())
-            result["student_accuracy"] = float((cmp.logits_a.argmax(-1) == encoded.labels).float().mean())
+            result["source_accuracy"] = float((cmp.logits_a.argmax(-1) == encoded.labels).float().mean())
     result["texts"] = len(encoded)
     return result

@@ -5,6 +5,7 @@
     recover_checkpoint  a converted folder + its source model → recover → the folder, rewritten whole
     check_checkpoint    both models + labelled data → CompatibilityTestSuite (mbconvert.check) → report folder
     export_checkpoint   a model → ONNX / INT8 / Core ML (mbconvert.export) → export folder
+    prune_checkpoint    a source model pruned to a task's vocabulary (mbconvert.vocab) → a BERT folder
 
 The stage modules take and return objects (models, tokenizers, `Examples`/`Encoded` data) and never see a path;
 this module holds the file glue: where outputs go, what may be replaced (mbconvert.fileio.check_output), caches
@@ -15,6 +16,7 @@ plugin call only this module. Every function also takes loaded objects where a p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,10 +28,11 @@ from .config import CheckConfig, ConvertConfig, ExportConfig, RecoveryConfig, Ru
 from .data import Encoded, Examples, as_examples, encode, label_maps
 from .errors import ConfigError, TokenizerError
 from .fileio import atomic_dir, check_output_dir, write_json
-from .load import SourceModel, is_converted, load_classifier, load_student
+from .load import SourceModel, is_converted, load_classifier, load_source
+from .vocab import converted_saving, same_vocab
 
 log = logging.getLogger("mbconvert")
-CONVERSION_FILE, RECOVERY_FILE = "conversion.json", "recovery.json"
+CONVERSION_FILE, RECOVERY_FILE, VOCAB_FILE = "conversion.json", "recovery.json", "vocabulary.json"
 CALIB_CAP = 128  # calibration sequences: at most this many tokens (the fits need real tokens, not length)
 HELD_OUT = 256  # texts after the calibration sample that measure the mapping before recovery
 
@@ -39,12 +42,12 @@ def _is_path(x) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
-def default_output(source) -> Path:
+def default_output(source, suffix: str = "mobilebert") -> Path:
     """`<source>-mobilebert` beside the source file or folder; `mobilebert-out` for an in-memory model."""
     if not _is_path(source):
-        return Path("mobilebert-out")
+        return Path(f"{suffix}-out")
     p = Path(source)
-    return p.parent / f"{p.stem if p.is_file() else p.name}-mobilebert"
+    return p.parent / f"{p.stem if p.is_file() else p.name}-{suffix}"
 
 
 def _paths(*items) -> list[Path]:
@@ -52,7 +55,7 @@ def _paths(*items) -> list[Path]:
 
 
 def _load_source(source, config: ConvertConfig, tokenizer=None, labels=None) -> SourceModel:
-    return load_student(source, heads=config.heads, tokenizer=tokenizer, labels=labels, seed=config.seed,
+    return load_source(source, heads=config.heads, tokenizer=tokenizer, labels=labels, seed=config.seed,
                         require_tokenizer=False)
 
 
@@ -68,13 +71,25 @@ def _save_model(out: Path, model, tokenizer, files: dict) -> None:
 
     with atomic_dir(out, kind="model", overwrite=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        _save_tokenizer(tokenizer, tmp)
         for name, obj in files.items():
             write_json(tmp / name, obj)
         (tmp / "README.md").write_text(model_card(model, files.get(CONVERSION_FILE), files.get(RECOVERY_FILE)),
                                        encoding="utf-8")
     log.info("wrote %s", out)
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    """The tokenizer's files, plus a vocab.txt for a WordPiece tokenizer (transformers 5 writes only tokenizer.json;
+    on-device WordPiece readers and `--tokenizer DIR` read vocab.txt)."""
+    if tokenizer is None:
+        return
+    tokenizer.save_pretrained(str(folder))
+    from .vocab import vocab_txt
+
+    text = vocab_txt(tokenizer)
+    if text is not None and not (folder / "vocab.txt").exists():
+        (folder / "vocab.txt").write_text(text, encoding="utf-8")
 
 
 def check_device(run: RunOptions) -> RunOptions:
@@ -148,9 +163,34 @@ def _warn_missing(src: SourceModel, calib) -> None:
                     "(see README); pass --calib FILE (a few hundred texts) or --train FILE")
 
 
+def _prune(src: SourceModel, config: ConvertConfig, vocab_from, texts: Examples | None, eval_ex: Examples | None
+           ) -> tuple[SourceModel, dict | None]:
+    """`--prune-vocab`: the source pruned to the tokens of `vocab_from` (else `texts`, the task's) before anything
+    reads it, and what that did (with the coverage on `eval_ex`)."""
+    if vocab_from is not None and not config.prune_vocab:
+        raise ConfigError("--vocab-from names the texts whose tokens --prune-vocab keeps: pass --prune-vocab too")
+    if not config.prune_vocab:
+        return src, None
+    from .vocab import coverage, prune_source, read_vocab_texts
+
+    texts = read_vocab_texts(vocab_from) if vocab_from is not None else texts
+    if texts is None:
+        raise ConfigError("--prune-vocab keeps the tokens of the task's texts: pass --vocab-from FILE, --train or "
+                          "--calib")
+    original = src.tokenizer
+    src, report = prune_source(src, texts, min_count=config.vocab_min_count, size=config.vocab_size)
+    if eval_ex is not None:
+        report["coverage"] = coverage(original, src.tokenizer, eval_ex)
+    log.info("vocabulary pruned to the tokens of %d texts: %d → %d tokens%s", report["texts"],
+             report["vocab_size_before"], report["vocab_size_after"], "" if eval_ex is None else
+             f"; on the eval texts {report['coverage']['new_unk_token_share']:.2%} of the tokens become [UNK]")
+    return src, report
+
+
 def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *, calib=None, tokenizer=None,
                        labels=None, train=None, eval_data=None, recovery: RecoveryConfig | None = None,
-                       run: RunOptions | None = None, resume: bool = False, overwrite: bool = False) -> dict:
+                       run: RunOptions | None = None, resume: bool = False, overwrite: bool = False,
+                       vocab_from=None) -> dict:
     """`mbconvert SOURCE`: load → map → save; with `train`, recover in memory and save once. Returns
     conversion.json's content (with the recovery summary under "recovery").
 
@@ -158,10 +198,13 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
     `calib`/`train`/`eval_data`: a data file, a list of texts, (texts, labels) or a `datasets.Dataset`; calibration
     defaults to a sample of `train`. `out`: default `<source>-mobilebert`; an existing folder that mbconvert did not
     write is refused unless `overwrite`. `resume`: continue an interrupted run in `out` (a finished one is a no-op).
+    `config.prune_vocab`: prune the source's vocabulary to the tokens of `vocab_from` (else `train`, else `calib`)
+    before the mapping (mbconvert.vocab); the output holds the pruned tokenizer.
     """
     config, run = config or ConvertConfig(), check_device(run or RunOptions())
     out = Path(out) if out is not None else default_output(source)
-    check_output_dir(out, sources=_paths(source, tokenizer, labels, calib, train, eval_data), overwrite=overwrite)
+    check_output_dir(out, sources=_paths(source, tokenizer, labels, calib, train, eval_data, vocab_from),
+                     overwrite=overwrite)
     src = _load_source(source, config, tokenizer, labels)
     calib = calib if calib is not None else train
     if calib is not None and src.tokenizer is None:
@@ -171,6 +214,7 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
     calib_ex = train_ex if calib is train and train_ex is not None else (
         _examples(calib, src.config) if calib is not None else None)
     eval_ex = _examples(eval_data, src.config) if eval_data is not None else None  # bad dev data: before any write
+    src, vocab_report = _prune(src, config, vocab_from, train_ex or calib_ex, eval_ex)
     key = _conversion_key(src, config, calib_ex)
     previous = _read_json(out / CONVERSION_FILE) if resume else None
     if previous is not None and previous.get("key") == key:
@@ -178,9 +222,11 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
         mobile, report = load_classifier(out)[0], previous
     elif previous is not None:
         raise ConfigError(f"{out} holds a conversion of another source, settings or calibration text; rerun "
-                          "without --resume (with --overwrite to replace it)")
+                          "without --resume to start over")
     else:
         mobile, report = map_source(src, config, calib_ex)
+        if vocab_report is not None:
+            report["vocabulary"] = converted_saving(vocab_report, mobile)
         report["key"] = key
         report["mapped_weights"] = model_key(mobile)
         _save_model(out, mobile, src.tokenizer, {CONVERSION_FILE: report})
@@ -222,8 +268,7 @@ def _recover(mobile, src: SourceModel, out: Path, conversion: dict | None, train
             return done
         raise ConfigError(f"{out} holds a recovery with other options, data or models; rerun without --resume")
     summary = recover(mobile, src.model, train_enc, cfg, eval_enc, out_dir=out, resume=resume,
-                      head_map=head_map_from(conversion),
-                      run=run)
+                      head_map=head_map_from(conversion), run=run)
     summary["weights"] = model_key(mobile)
     print(summary_line(summary))
     files = {RECOVERY_FILE: summary}
@@ -244,11 +289,12 @@ def recover_checkpoint(model_dir, source, train, eval_data=None, config: Recover
         raise ConfigError(f"{model_dir} is not a converted MobileBERT folder (no MobileBERT config.json): recover "
                           "trains mbconvert's output; convert the source first")
     out = Path(out) if out is not None else model_dir
-    check_output_dir(out, sources=_paths(source, tokenizer, train, eval_data) + ([] if out == model_dir else [model_dir]),
-                 overwrite=overwrite or out == model_dir)
+    inputs = _paths(source, tokenizer, train, eval_data) + ([] if out == model_dir else [model_dir])
+    check_output_dir(out, sources=inputs, overwrite=overwrite or out == model_dir)
     model, tok = load_classifier(model_dir, tokenizer=tokenizer)
-    src = load_student(source, tokenizer=tokenizer, require_tokenizer=tok is None)
+    src = load_source(source, tokenizer=tokenizer, require_tokenizer=tok is None)
     tok = tok or src.tokenizer
+    src = dataclasses.replace(src, model=same_vocab(model, tok, src.model, src.tokenizer, src.path))
     conversion = _read_json(model_dir / CONVERSION_FILE)
     return _recover(model, src, out, conversion, _examples(train, model.config), eval_data, cfg, run, resume, tok)
 
@@ -265,6 +311,7 @@ def check_checkpoint(model, against, data, config: CheckConfig | None = None, re
     tok = tok or source_tok
     if tok is None:
         raise TokenizerError(f"no tokenizer found in {model} or beside {against}; pass --tokenizer DIR")
+    source = same_vocab(converted, tok, source, source_tok, str(against))
     examples = _examples(data, converted.config, require_labels=True)
     encoded = encode(examples, tok, max_length=config.max_length, cap=converted.config.max_position_embeddings)
     result = CompatibilityTestSuite(source, converted, encoded, config, tokenizer=tok, source_path=str(against),
@@ -327,4 +374,28 @@ def export_checkpoint(model, config: ExportConfig | None = None, data=None, out=
     from .export import render_summary
 
     print(render_summary(report))
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- prune-vocab
+def prune_checkpoint(source, out=None, vocab_from=None, config: ConvertConfig | None = None, *, eval_data=None,
+                     tokenizer=None, labels=None, overwrite: bool = False) -> dict:
+    """`mbconvert prune-vocab`: the source model pruned to the tokens of `vocab_from` (a data or .txt file, or a list
+    of texts), as a Hugging Face BertForSequenceClassification folder with its rewritten tokenizer and
+    vocabulary.json (default `<source>-pruned`): the like-for-like baseline of a `--prune-vocab` conversion.
+    `config`: vocab_min_count and vocab_size (prune_vocab is implied). Returns vocabulary.json's content."""
+    config = dataclasses.replace(config or ConvertConfig(), prune_vocab=True)
+    if vocab_from is None:
+        raise ConfigError("prune-vocab keeps the tokens of the texts in --vocab-from FILE: pass it")
+    out = Path(out) if out is not None else default_output(source, "pruned")
+    check_output_dir(out, sources=_paths(source, tokenizer, labels, vocab_from, eval_data), overwrite=overwrite)
+    src = load_source(source, heads=config.heads, tokenizer=tokenizer, labels=labels, seed=config.seed)
+    eval_ex = _examples(eval_data, src.config) if eval_data is not None else None
+    src, report = _prune(src, config, vocab_from, None, eval_ex)
+    report["source"] = src.path
+    with atomic_dir(out, kind="model", overwrite=True) as tmp:
+        src.model.save_pretrained(str(tmp), safe_serialization=True)
+        _save_tokenizer(src.tokenizer, tmp)
+        write_json(tmp / VOCAB_FILE, report)
+    log.info("wrote %s", out)
     return report

@@ -160,7 +160,7 @@ class Recovery:
                 if self.cfg.keep == "best":
                     self.best_state = {k: v.detach().to("cpu", copy=True)
                                        for k, v in self.student.state_dict().items()}
-        if self.cfg.tolerance is not None and acc >= p.teacher_accuracy - self.cfg.tolerance / 100:
+        if self.cfg.tolerance is not None and acc >= p.source_accuracy - self.cfg.tolerance / 100:
             p.early_stopped = True
 
     def _start(self) -> None:
@@ -168,7 +168,7 @@ class Recovery:
         if self.eval_data is not None:
             self.teacher_eval_logits = self._teacher_eval_logits()
             reference = self._eval_reference()
-            self.p.teacher_accuracy = float((self.teacher_eval_logits.argmax(-1) == reference).float().mean())
+            self.p.source_accuracy = float((self.teacher_eval_logits.argmax(-1) == reference).float().mean())
             self._record_evaluation()
             self.p.initial_accuracy = self.p.accuracy_curve[-1][2]
 
@@ -334,7 +334,7 @@ class Recovery:
     def _acc_text(self) -> str:
         if not self.p.accuracy_curve:
             return ""
-        return f", acc {self.p.accuracy_curve[-1][2]:.4f} (teacher {self.p.teacher_accuracy:.4f})"
+        return f", acc {self.p.accuracy_curve[-1][2]:.4f} (source {self.p.source_accuracy:.4f})"
 
     def _finish(self) -> dict:
         """Restore the best model, write recovery.json, print the summary line."""
@@ -358,7 +358,7 @@ class Recovery:
         p = self.p
         return {
             "metric": "accuracy" if self.eval_data is None or self.eval_data.labels is not None else "agreement",
-            "teacher_accuracy": p.teacher_accuracy, "initial_accuracy": p.initial_accuracy,
+            "source_accuracy": p.source_accuracy, "initial_accuracy": p.initial_accuracy,
             "final_accuracy": p.best_accuracy if self.cfg.keep == "best" or not p.accuracy_curve
             else p.accuracy_curve[-1][2], "best_accuracy": p.best_accuracy, "best_step": p.best_step, "steps": p.step,
             "early_stopped": p.early_stopped, "wall_s": round(self.elapsed, 2), "device": str(self.device),

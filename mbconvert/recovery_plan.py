@@ -63,7 +63,7 @@ class Progress:
     stage_step: int = 0
     step: int = 0
     elapsed_s: float = 0.0
-    teacher_accuracy: float | None = None
+    source_accuracy: float | None = None
     initial_accuracy: float | None = None
     best_accuracy: float | None = None
     best_step: int | None = None

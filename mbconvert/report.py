@@ -315,7 +315,7 @@ def summary_line(summary: dict) -> str:
     took = format_duration(summary["wall_s"])
     if summary["final_accuracy"] is None:
         return f"recovered for {summary['steps']} steps, {took} (no eval data: accuracy not measured)"
-    acc, source = summary["final_accuracy"], summary["teacher_accuracy"]  # recovery.json's key for the source
+    acc, source = summary["final_accuracy"], summary["source_accuracy"]
     diff = 100 * (acc - source)
     sign = "−" if diff < 0 else "+"
     return f"{summary['metric']} {acc:.4f} vs source {source:.4f} ({sign}{abs(diff):.2f} pt), {took}"

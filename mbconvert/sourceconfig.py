@@ -6,9 +6,9 @@ contradicts the weights or the classifier), never a traceback from deep inside t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .fileio import read_json
 from .errors import CorruptFileError, ShapeMismatchError
 
 INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -19,11 +19,7 @@ CHECKED_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "voca
 
 def read_config(path: Path) -> dict:
     """config.json, with the fields mbconvert reads checked for type (one-line errors, not tracebacks)."""
-    try:
-        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{path}: not valid JSON ({getattr(e, 'msg', None) or _first_line(e)})") from None
-    return validate_config(cfg, str(path))
+    return validate_config(read_json(path, CorruptFileError), str(path))
 
 
 def validate_config(cfg, where: str) -> dict:
@@ -72,12 +68,7 @@ def read_label_names(path: Path) -> list[str]:
     """A labels.json (or the one in a folder): a JSON list of distinct class names, by class id."""
     path = Path(path)
     path = path / "labels.json" if path.is_dir() else path
-    try:
-        names = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CorruptFileError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{path}: not valid JSON ({getattr(e, 'msg', None) or _first_line(e)})") from None
+    names = read_json(path, CorruptFileError)
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         raise CorruptFileError(f"{path}: expected a JSON list of class names (strings), by class id")
     if len(set(names)) != len(names):
@@ -135,8 +126,3 @@ def _is_int(value, lo: int) -> bool:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _first_line(e) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__

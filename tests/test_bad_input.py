@@ -19,7 +19,7 @@ BAD_NUMBERS = {float: ["nan", "inf", "-1e9"], int: ["-7"]}
 UNTYPED = {"--budget": ["nan", "-5m"], "--device": ["bogus"], "--format": ["bogus", ","]}
 # input paths: a file that does not exist is their out-of-range value
 INPUT_PATHS = {"--tokenizer", "--labels", "--calib", "--train", "--eval", "--data", "--source", "--against",
-               "--baseline"}
+               "--baseline", "--vocab-from"}
 # options with no out-of-range value of their own, and why
 NOT_IN_MATRIX = {
     "--output": "an output folder: the bad ones (a file, under a file, the input, a foreign folder) have own rows",
@@ -100,6 +100,7 @@ def base_args(command: str, e: dict, out: Path) -> list:
                   "--repeats", "1", "--threads", "1"],
         "export": ["export", e["conv"], "--format", "onnx", "--data", e["test"], "-o", out],
         "gate": ["gate", e["report"], "--baseline", e["report"]],
+        "prune-vocab": ["prune-vocab", e["student"], "--vocab-from", e["train"], "--eval", e["dev"], "-o", out],
     }[command]
 
 

@@ -126,7 +126,7 @@ def test_latency_gate_refuses_reports_from_other_threads_or_machines(reports, tm
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "no such report"),
-    ("not_json", "not a readable report.json"),
+    ("not_json", "not valid JSON"),
     ("no_schema", "no schema_version"),
     ("future_schema", "report schema 99"),
     ("incomplete", "incomplete report"),

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import helpers
 from mbconvert import errors
 from mbconvert.safeload import safe_torch_load
-from mbconvert.load import infer_config, load_classifier, load_student, source_from_model
+from mbconvert.load import infer_config, load_classifier, load_source, source_from_model
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def formats(student, tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["hf folder", "state dict .pt", "DataParallel prefix .bin", "no bert. prefix",
                                  "safetensors", "UER-py names"])
 def test_every_format_loads_to_the_same_tensors(fmt, formats, student):
-    loaded = load_student(formats[fmt])
+    loaded = load_source(formats[fmt])
     assert loaded.config.num_hidden_layers == 4
     assert loaded.config.hidden_size == 512
     assert loaded.config.intermediate_size == 2048
@@ -73,9 +73,9 @@ def test_every_format_loads_to_the_same_tensors(fmt, formats, student):
 
 
 def test_heads_come_from_config_or_flag_or_default(formats):
-    assert load_student(formats["hf folder"]).config.num_attention_heads == 8  # config.json
-    assert load_student(formats["state dict .pt"]).config.num_attention_heads == 8  # default 512 / 64
-    assert load_student(formats["state dict .pt"], heads=4).config.num_attention_heads == 4
+    assert load_source(formats["hf folder"]).config.num_attention_heads == 8  # config.json
+    assert load_source(formats["state dict .pt"]).config.num_attention_heads == 8  # default 512 / 64
+    assert load_source(formats["state dict .pt"], heads=4).config.num_attention_heads == 4
 
 
 def test_roberta_head_and_positions_are_mapped(student, tokenizer, tmp_path):
@@ -93,7 +93,7 @@ def test_roberta_head_and_positions_are_mapped(student, tokenizer, tmp_path):
             rob["roberta." + k.removeprefix("bert.")] = v
     torch.save(rob, tmp_path / "roberta.pt")
     tokenizer.save_pretrained(str(tmp_path))
-    loaded = load_student(tmp_path / "roberta.pt")
+    loaded = load_source(tmp_path / "roberta.pt")
     assert loaded.family == "roberta"
     for key, tensor in sd.items():
         assert torch.equal(loaded.model.state_dict()[key], tensor), key
@@ -103,7 +103,7 @@ def test_bare_encoder_loads_without_head(student, tokenizer, tmp_path):
     sd = {k: v for k, v in student.state_dict().items() if not k.startswith("classifier")}
     torch.save(sd, tmp_path / "encoder.pt")
     tokenizer.save_pretrained(str(tmp_path))
-    loaded = load_student(tmp_path / "encoder.pt")
+    loaded = load_source(tmp_path / "encoder.pt")
     assert not loaded.has_head
 
 
@@ -118,7 +118,7 @@ def test_code_executing_pickle_is_refused_without_running(tmp_path, tokenizer):
         pickle.dump({"bert.embeddings.word_embeddings.weight": Payload()}, f)
     tokenizer.save_pretrained(str(tmp_path))
     with pytest.raises(errors.UnsafeFileError, match="refusing to unpickle code"):
-        load_student(tmp_path / "evil.pt")
+        load_source(tmp_path / "evil.pt")
     assert not marker.exists()
 
 
@@ -140,14 +140,14 @@ def test_file_type_comes_from_the_bytes_not_the_name(small, tokenizer, tmp_path)
     torch.save(sd, tmp_path / "really_torch.safetensors")
     tokenizer.save_pretrained(str(tmp_path))
     for name in ("really_safetensors.pt", "really_torch.safetensors"):
-        assert _same_tensors(load_student(tmp_path / name), small), name
+        assert _same_tensors(load_source(tmp_path / name), small), name
     (tmp_path / "noise.pt").write_bytes(random.Random(0).randbytes(4096))
     with pytest.raises(errors.CorruptFileError, match="not a PyTorch or safetensors file"):
-        load_student(tmp_path / "noise.pt")
+        load_source(tmp_path / "noise.pt")
     whole = (tmp_path / "really_torch.safetensors").read_bytes()
     (tmp_path / "half.pt").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(errors.CorruptFileError) as e:
-        load_student(tmp_path / "half.pt")
+        load_source(tmp_path / "half.pt")
     assert "unpickle code" not in str(e.value) and "\n" not in str(e.value)
 
 
@@ -168,10 +168,10 @@ def test_expanded_view_bomb_is_refused_before_anything_is_materialised(small, to
     probe = textwrap.dedent("""
         import resource, sys
         from mbconvert import errors
-        from mbconvert.load import load_student
+        from mbconvert.load import load_source
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
-            load_student(sys.argv[1])
+            load_source(sys.argv[1])
             print("loaded")
         except errors.CorruptFileError as e:
             print("refused:", e)
@@ -262,13 +262,13 @@ def test_bad_config_and_labels_are_one_line_typed_errors(case, small_folder):
     breakage, error, pattern = BROKEN_FOLDERS[case]
     breakage(small_folder)
     with pytest.raises(error, match=pattern) as e:
-        load_student(small_folder)
+        load_source(small_folder)
     assert "\n" not in str(e.value)
 
 
 def test_labels_json_names_the_classes_when_config_does_not(small_folder):
     _write("labels.json", ["w", "x", "y", "z"], id2label=None, label2id=None)(small_folder)
-    assert load_student(small_folder).config.id2label == {0: "w", 1: "x", 2: "y", 3: "z"}
+    assert load_source(small_folder).config.id2label == {0: "w", 1: "x", 2: "y", 3: "z"}
 
 
 # ------------------------------------------------------------------ converted MobileBERT folders
@@ -351,9 +351,9 @@ def test_in_memory_roberta_classifier_gives_the_same_logits(tokenizer):
     assert ours.data_ptr() != theirs.data_ptr()  # a copy: training the source later cannot change it
 
 
-def test_in_memory_encoder_without_head_goes_through_load_student(small, tokenizer):
+def test_in_memory_encoder_without_head_goes_through_load_source(small, tokenizer):
     encoder = small.bert  # a BertModel: bare names, no classifier
-    src = load_student(encoder, tokenizer=tokenizer)
+    src = load_source(encoder, tokenizer=tokenizer)
     assert not src.has_head
     got = src.model.bert.state_dict()
     assert all(torch.equal(got[k], v) for k, v in encoder.state_dict().items())

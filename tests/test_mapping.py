@@ -16,12 +16,12 @@ from mbconvert.cli import main
 from mbconvert.config import ConvertConfig
 from mbconvert.data import encode, read_examples
 from mbconvert.errors import ConfigError
-from mbconvert.load import load_student
+from mbconvert.load import load_source
 
 
 @pytest.fixture(scope="module")
 def source(trained_student):
-    return load_student(trained_student)
+    return load_source(trained_student)
 
 
 @pytest.fixture(scope="module")

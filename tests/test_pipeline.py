@@ -78,3 +78,23 @@ def test_data_in_memory_gives_the_same_model_as_the_file(small_student, tmp_path
         convert_checkpoint(d / "student", tmp_path / name, cfg, train=train, recovery=rec, run=run)
     weights = {n: (tmp_path / n / "model.safetensors").read_bytes() for n in ("file", "lists", "dataset")}
     assert weights["file"] == weights["lists"] == weights["dataset"]
+
+
+def test_a_corrupt_cache_entry_is_recomputed_not_trusted(tmp_path, caplog):
+    import torch
+
+    from mbconvert.cache import cached
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": torch.arange(4.0)}
+
+    first = cached(tmp_path, "kind", "key", compute)
+    (entry,) = tmp_path.iterdir()
+    entry.write_bytes(b"\x00garbage")
+    again = cached(tmp_path, "kind", "key", compute)
+    assert torch.equal(first["x"], again["x"]) and len(calls) == 2
+    assert any("unreadable cache entry" in r.getMessage() for r in caplog.records)
+    assert torch.equal(cached(tmp_path, "kind", "key", compute)["x"], first["x"]) and len(calls) == 2  # rewritten
