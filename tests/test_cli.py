@@ -230,3 +230,24 @@ def test_public_functions_are_functions_even_after_their_modules_are_imported():
     for name, module in mbconvert._LAZY.items():
         importlib.import_module(f"mbconvert.{module}")
         assert callable(getattr(mbconvert, name)) and not isinstance(getattr(mbconvert, name), type(mbconvert)), name
+
+
+def test_the_demo_recovers_for_a_fixed_number_of_steps_not_a_time_budget(monkeypatch, tmp_path):
+    """A busy machine must get the demo's answer, only later: the demo's recovery length is in steps."""
+    from mbconvert import demo, pipeline
+    from mbconvert.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(demo, "prepare_data", lambda *a: tmp_path)
+    monkeypatch.setattr(demo, "build_tokenizer", lambda *a: None)
+    monkeypatch.setattr(demo, "train_demo_student", lambda *a: tmp_path / "student")
+    monkeypatch.setattr(pipeline, "convert_checkpoint", lambda *a, recovery, **k: seen.setdefault("recovery", recovery))
+
+    class Passed:
+        passed = True
+
+    monkeypatch.setattr(pipeline, "check_checkpoint", lambda *a, **k: Passed())
+    monkeypatch.setattr(pipeline, "export_checkpoint", lambda *a, **k: None)
+    assert demo.run_demo(out_dir=str(tmp_path / "out")) == 0
+    assert seen["recovery"].steps == demo.DEMO_STEPS and seen["recovery"].budget_s is None
+    assert "--budget" not in build_parser("demo").format_help()

@@ -278,3 +278,35 @@ def test_recover_command_saves_a_reloadable_model(converted_dir, trained_student
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(out))
     assert reloaded.config.model_type == "mobilebert" and (out / "model.safetensors").is_file()
     assert json.loads((out / "recovery.json").read_text(encoding="utf-8"))["steps"] <= 4
+
+
+# -------------------------------------------------------------------- what a user is told
+def test_a_recovery_of_very_few_steps_says_so(lossy, teacher, data, caplog):
+    summary = recover(copy.deepcopy(lossy), teacher.model, data["train"], RecoveryConfig(steps=3, layerwise_share=0),
+                      run=QUIET)
+    assert "only 3 steps" in summary["warning"]
+    assert any("only 3 steps" in r.getMessage() for r in caplog.records)
+    full = recover(copy.deepcopy(lossy), teacher.model, data["train"], RecoveryConfig(steps=12, layerwise_share=0),
+                   run=QUIET)
+    assert "warning" not in full
+
+
+def test_resuming_against_another_source_model_is_refused(lossy, teacher, data, tmp_path):
+    """Same shapes, other weights: the checkpoint's fingerprint holds the source's content, not only its options."""
+    cfg = RecoveryConfig(steps=8, layerwise_share=0, batch_size=16)
+    with pytest.raises(KeyboardInterrupt):
+        recover(copy.deepcopy(lossy), teacher.model, data["train"], cfg, out_dir=tmp_path,
+                run=RunOptions(progress=False, stop_after_steps=2))
+    other = copy.deepcopy(teacher.model)
+    with torch.no_grad():
+        other.classifier.bias.add_(0.01)
+    with pytest.raises(ConfigError, match="other options, data or models"):
+        recover(copy.deepcopy(lossy), other, data["train"], cfg, out_dir=tmp_path, resume=True, run=QUIET)
+
+
+def test_each_progress_bar_counts_its_own_stage_from_zero_to_its_total(lossy, teacher, data, capsys):
+    recover(copy.deepcopy(lossy), teacher.model, data["train"], RecoveryConfig(steps=20, layerwise_share=0.5),
+            run=RunOptions(progress=True))
+    bars = capsys.readouterr().err.replace("\r", "\n")
+    task = [line for line in bars.splitlines() if line.startswith("recovery: task")]
+    assert task and " 0/10 " in task[0] and " 10/10 " in task[-1], task[:1] + task[-1:]
