@@ -170,9 +170,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         for name in ("tolerance", "max_latency_ratio", "max_size_ratio"):
             _field(GateConfig, name, p)
     elif command == "export":
+        from .config import EXPORT_FORMATS
+
         p.add_argument("model", help="converted model folder or a source checkpoint")
-        p.add_argument("--format", default=",".join(ExportConfig().formats),
-                       help="comma list of " + ", ".join(ExportConfig().formats))
+        p.add_argument("--format", help=f"comma list of {', '.join(EXPORT_FORMATS)} (default: every format whose "
+                                        "backend is installed; the others are named in one log line)")
         p.add_argument("--data", help="texts for parity, accuracy and static INT8 calibration")
         _source_args(p)
         p.add_argument("-o", "--output", help="default: MODEL/export (or <file>-export beside a checkpoint file)")
@@ -230,7 +232,7 @@ def run(command: str, a: argparse.Namespace) -> int:
         print(result.summary())
         return 0 if result.passed else 1
     if command == "export":
-        formats = tuple(f.strip() for f in a.format.split(",") if f.strip())
+        formats = tuple(f.strip() for f in a.format.split(",") if f.strip()) if a.format is not None else None
         pipeline.export_checkpoint(a.model, config=_config(ExportConfig, a, formats=formats), data=a.data,
                                    out=a.output, tokenizer=a.tokenizer)
         return 0

@@ -211,7 +211,8 @@ class CheckConfig(_Config):
 class ExportConfig(_Config):
     """Device export options (mbconvert.export)."""
 
-    formats: tuple[str, ...] = option(("onnx", "onnx-int8", "coreml"), "formats to write")
+    formats: tuple[str, ...] | None = option(None, "formats to write (default: every format whose backend is "
+                                                   "installed)")
     seq_len: int | None = option(None, "fixed sequence length (default: dynamic ONNX axes / Core ML range shapes)")
     max_seq_len: int = option(512, "upper bound of Core ML's flexible sequence length")
     opset: int = option(17, "ONNX opset")
@@ -226,11 +227,12 @@ class ExportConfig(_Config):
     latency_repeats: int = option(20, "timed runs per measurement (median reported), after 3 warm-up runs")
 
     def __post_init__(self):
-        self.formats = tuple(self.formats)
+        if self.formats is not None:  # None: resolved by mbconvert.export.resolve_formats
+            self.formats = tuple(self.formats)
+            _check(bool(self.formats), "give at least one export format")
+            for f in self.formats:
+                _choice("format", f, EXPORT_FORMATS)
         self.latency_batch_sizes = tuple(self.latency_batch_sizes)
-        _check(bool(self.formats), "give at least one export format")
-        for f in self.formats:
-            _choice("format", f, EXPORT_FORMATS)
         _number("seq_len", self.seq_len, 1, integer=True, optional=True)
         _number("max_seq_len", self.max_seq_len, 1, integer=True)
         _number("opset", self.opset, 13, 23, integer=True)

@@ -1,6 +1,7 @@
-"""Core ML export (part of stage 5, see mbconvert.export): an ML Program with FP16 compute unless the model would
-overflow FP16, batch 1 and a flexible or fixed sequence length; then what Linux can check of it (the spec) and,
-on macOS only, prediction parity with PyTorch.
+"""Core ML export (part of stage 5, see mbconvert.export): a classifier ML Program (classLabel, a class → probability
+dictionary, and the raw logits) with FP16 compute unless the model would overflow FP16, batch 1 and a flexible or
+fixed sequence length, described for Xcode (author, version, inputs, outputs, labels); then what Linux can check of
+it (the spec) and, on macOS only, prediction parity with PyTorch.
 
 coremltools is optional and imported inside the functions that need it.
 """
@@ -8,6 +9,7 @@ coremltools is optional and imported inside the functions that need it.
 from __future__ import annotations
 
 import copy
+import json
 import platform
 import warnings
 from pathlib import Path
@@ -16,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import __version__
 from .config import ExportConfig
-from .export import INPUT_NAMES, Inputs, LogitsWrapper, compare, size_mb
+from .export import INPUT_NAMES, Inputs, LogitsWrapper, compare, id2label, size_mb
 
 FP16_MAX = 65504.0
 FP16_MASK_VALUE = -3.0e4  # large enough to zero a softmax term, small enough not to overflow FP16
@@ -54,18 +57,55 @@ def fp16_check(model: nn.Module, inputs: Inputs) -> dict:
     return {"peak_abs_activation": fp32_peak, "fp16_finite": finite, "ok": fp32_peak < FP16_MAX and finite}
 
 
-def _convert(traced, inputs: Inputs, config: ExportConfig, use_fp16: bool, max_positions: int):
-    """ct.convert with int32 inputs of batch 1 and a flexible (range) or fixed sequence length."""
+class _WithProbabilities(nn.Module):
+    """(logits, softmax(logits)): the probabilities feed Core ML's classifier outputs, the logits stay an output."""
+
+    def __init__(self, wrapper: LogitsWrapper):
+        super().__init__()
+        self.wrapper = wrapper
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        logits = self.wrapper(input_ids, attention_mask, token_type_ids)
+        return logits, torch.softmax(logits, dim=-1)
+
+
+def _convert(traced, inputs: Inputs, config: ExportConfig, use_fp16: bool, max_positions: int, labels: list[str]):
+    """A classifier ML Program: int32 inputs of batch 1 and a flexible (range) or fixed sequence length; outputs
+    classLabel, classLabel_probs (name → probability) and logits.
+
+    Two steps because coremltools 9.0's ClassifierConfig cannot both keep `logits` and pick the probabilities by
+    name in one ct.convert: given output names, its exporter indexes past them once classify replaces one
+    (IndexError); without them, the classifier takes whichever op comes last (after FP16's output casts: the logits).
+    So the torch model becomes a MIL program with named outputs, whose output types are then dropped.
+    """
     import coremltools as ct
 
     max_len = min(config.max_seq_len, max_positions)
     seq = config.seq_len or ct.RangeDim(1, max_len, default=min(inputs.seq_len, max_len))
-    return ct.convert(
-        traced, convert_to="mlprogram",
+    target = ct.target.iOS16 if config.coreml_quantize else ct.target.iOS15
+    program = ct.convert(
+        traced, convert_to="milinternal",
         inputs=[ct.TensorType(name=name, shape=(1, seq), dtype=np.int32) for name in INPUT_NAMES],
-        outputs=[ct.TensorType(name="logits")],
-        compute_precision=ct.precision.FLOAT16 if use_fp16 else ct.precision.FLOAT32,
-        minimum_deployment_target=ct.target.iOS16 if config.coreml_quantize else ct.target.iOS15)
+        outputs=[ct.TensorType(name="logits"), ct.TensorType(name="probabilities")],
+        compute_precision=ct.precision.FLOAT16 if use_fp16 else ct.precision.FLOAT32, minimum_deployment_target=target)
+    program.functions["main"].set_output_types(None)
+    return ct.convert(program, convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,  # already cast
+                      classifier_config=ct.ClassifierConfig(labels, predicted_probabilities_output="probabilities"),
+                      minimum_deployment_target=target)
+
+
+def describe(mlmodel, model: nn.Module, labels: list[str]) -> None:
+    """What Xcode and an app show: descriptions of the model, its inputs and outputs; author, version, labels."""
+    mlmodel.short_description = (f"{type(model).__name__} text classifier ({len(labels)} classes: "
+                                 f"{', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''}), converted by mbconvert")
+    mlmodel.author, mlmodel.version = "mbconvert", __version__
+    mlmodel.input_description["input_ids"] = "token ids from the tokenizer in this folder (tokenizer.json/vocab.txt)"
+    mlmodel.input_description["attention_mask"] = "1 for real tokens, 0 for padding"
+    mlmodel.input_description["token_type_ids"] = "segment ids (0 for a single text)"
+    mlmodel.output_description["classLabel"] = "the most probable class"
+    mlmodel.output_description["classLabel_probs"] = "class name → probability (softmax of the logits)"
+    mlmodel.output_description["logits"] = "raw scores by class id (config.json id2label)"
+    mlmodel.user_defined_metadata["id2label"] = json.dumps(id2label(model), ensure_ascii=False)
 
 
 def export_coreml(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig) -> dict:
@@ -79,20 +119,23 @@ def export_coreml(model: nn.Module, path: Path, inputs: Inputs, config: ExportCo
             report["warning"] = (
                 f"FP16 would overflow (peak |activation| {check['peak_abs_activation']:.3g} vs {FP16_MAX:g}, "
                 f"finite in FP16: {check['fp16_finite']}): Core ML model exported with FP32 compute precision")
-    wrapper = LogitsWrapper(model, FP16_MASK_VALUE if use_fp16 else torch.finfo(torch.float32).min).eval()
+    wrapper = _WithProbabilities(LogitsWrapper(model, FP16_MASK_VALUE if use_fp16 else
+                                               torch.finfo(torch.float32).min)).eval()
+    labels = list(id2label(model).values())
     example = tuple(torch.from_numpy(v[:1]) for v in inputs.feeds().values())
     # coremltools' numpy warnings are benign here: a cast overflow in its range analysis, and 0/0 scales for
     # all-zero weight rows (the padding embedding) that dequantise to exactly 0 anyway
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         traced = torch.jit.trace(wrapper, example)
-        mlmodel = _convert(traced, inputs, config, use_fp16, model.config.max_position_embeddings)
+        mlmodel = _convert(traced, inputs, config, use_fp16, model.config.max_position_embeddings, labels)
         if config.coreml_quantize:
             from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OptimizationConfig,
                                                      linear_quantize_weights)
 
             mlmodel = linear_quantize_weights(mlmodel, OptimizationConfig(
                 global_config=OpLinearQuantizerConfig(mode="linear_symmetric")))
+    describe(mlmodel, model, labels)
     mlmodel.save(str(path))
     report.update(precision="fp16" if use_fp16 else "fp32", weights_8bit=config.coreml_quantize)
     return report
@@ -105,15 +148,17 @@ def inspect_coreml(path: Path) -> dict:
     ct.models.MLModel(str(path), skip_model_load=True)
     spec = ct.utils.load_spec(str(path))
 
-    def describe(feature) -> dict:
-        arr = feature.type.multiArrayType
+    def feature(f) -> dict:
+        arr = f.type.multiArrayType
         ranges = [[r.lowerBound, r.upperBound] for r in arr.shapeRange.sizeRanges]
-        return {"name": feature.name, "shape": list(arr.shape), "ranges": ranges or None}
+        return {"name": f.name, "type": f.type.WhichOneof("Type"), "shape": list(arr.shape), "ranges": ranges or None}
 
     blocks = spec.mlProgram.functions["main"].block_specializations.values()
     weights = path / "Data" / "com.apple.CoreML" / "weights"
-    return {"inputs": [describe(f) for f in spec.description.input],
-            "outputs": [describe(f) for f in spec.description.output],
+    return {"inputs": [feature(f) for f in spec.description.input],
+            "outputs": [feature(f) for f in spec.description.output],
+            "classifier": {"label": spec.description.predictedFeatureName,
+                           "probabilities": spec.description.predictedProbabilitiesName},
             "mil_ops": sum(len(b.operations) for b in blocks),
             "weights_mb": size_mb(weights) if weights.exists() else 0.0,
             "spec_version": spec.specificationVersion}

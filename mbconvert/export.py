@@ -12,7 +12,10 @@ inside the functions that need them so that the rest of mbconvert works without 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib
+import json
 import logging
 import statistics
 import time
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import __version__
 from .config import EXPORT_FORMATS, ExportConfig
 from .data import Encoded
 from .environment import versions
@@ -238,6 +242,7 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
     out: dict = {}
     fp32 = tmp / "model.onnx"
     export_onnx(model, fp32, inputs, config)
+    stamp_onnx(fp32, model)
     fp32_logits = onnx_logits(fp32, inputs, config.threads)
     out["onnx"] = {"file": fp32.name, "size_mb": size_mb(fp32), "opset": config.opset,
                    "dynamic_axes": ["batch"] + ([] if config.seq_len else ["sequence"]),
@@ -249,6 +254,7 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
     if "onnx-int8" in config.formats:
         int8 = tmp / "model.int8.onnx"
         quantize_onnx(fp32, int8, inputs, config.int8_static)
+        stamp_onnx(int8, model)
         logits = onnx_logits(int8, inputs, config.threads)
         acc32, acc8 = out["onnx"]["accuracy"], accuracy(logits, inputs.labels)
         vs_fp32 = compare(fp32_logits, logits, config.parity_atol)
@@ -289,13 +295,60 @@ def require_formats(formats) -> None:
         require(*NEEDS[fmt])
 
 
+def _installed(fmt: str) -> bool:
+    try:
+        require_formats([fmt])
+    except MissingDependencyError:
+        return False
+    return True
+
+
+def resolve_formats(config: ExportConfig) -> ExportConfig:
+    """`formats=None` (the CLI's default) becomes every format whose backend imports, with one log line naming
+    the skipped ones; explicit formats must all be installed (MissingDependencyError naming the extra)."""
+    if config.formats is not None:
+        require_formats(config.formats)
+        return config
+    available = tuple(fmt for fmt in FORMATS if _installed(fmt))
+    if not available:
+        raise MissingDependencyError(f"no export backend is installed ({', '.join(BACKENDS)}): "
+                                     "pip install 'mbconvert[export]'")
+    skipped = [f"{fmt} (needs {' and '.join(NEEDS[fmt])})" for fmt in FORMATS if fmt not in available]
+    if skipped:
+        log.warning("export: skipped %s: pip install 'mbconvert[export]' installs them", ", ".join(skipped))
+    return dataclasses.replace(config, formats=available)
+
+
+def id2label(model) -> dict[str, str]:
+    """The model's class names by id as JSON keys ("0", "1", ...), for metadata an app reads."""
+    names = model.config.id2label or {}
+    return {str(i): str(names.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)}
+
+
+def write_app_config(model, folder: Path) -> None:
+    """config.json (with id2label), so the export folder loads like a Hugging Face folder (AutoConfig,
+    AutoTokenizer beside it, optimum's ORTModel)."""
+    config = copy.deepcopy(model.config)
+    config.architectures = config.architectures or [type(model).__name__]
+    config.save_pretrained(str(folder))
+
+
+def stamp_onnx(path: Path, model) -> None:
+    """metadata_props an app can read without mbconvert (onnxruntime's get_modelmeta().custom_metadata_map)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"id2label": json.dumps(id2label(model), ensure_ascii=False),
+                                        "mbconvert_version": __version__, "inputs": ",".join(INPUT_NAMES)})
+    onnx.save(proto, str(path))
+
+
 def export_model(model, folder: Path, config: ExportConfig | None = None, data: Encoded | None = None,
            source: str = "", data_source: str | None = None) -> dict:
-    """Write every format in `config.formats` into `folder` (an empty working folder: the pipeline makes it and
-    moves it into place) and check each against PyTorch on `data` (tokenised; synthetic rows without). Returns
-    export.json's content."""
-    config = config or ExportConfig()
-    require_formats(config.formats)
+    """Write every format in `config.formats` (None: every installed one) and config.json into `folder` (an empty
+    working folder: the pipeline makes it and moves it into place) and check each against PyTorch on `data`
+    (tokenised; synthetic rows without). Returns export.json's content."""
+    config = resolve_formats(config or ExportConfig())
     model.eval()
     inputs = sample_inputs(model, data, config, data_source)
     reference = torch_logits(model, inputs)
@@ -312,6 +365,7 @@ def export_model(model, folder: Path, config: ExportConfig | None = None, data: 
         from .coreml import export_coreml_format  # imports this module: loaded only when needed
 
         report["artifacts"]["coreml"] = export_coreml_format(model, folder, inputs, reference, config)
+    write_app_config(model, folder)
     report["warnings"] = [f"{fmt}: {a['warning']}" for fmt, a in report["artifacts"].items() if a.get("warning")]
     for warning in report["warnings"]:
         log.warning("warning: %s", warning)

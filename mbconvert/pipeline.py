@@ -331,13 +331,13 @@ def check_checkpoint(model, against, data, config: CheckConfig | None = None, re
 # ----------------------------------------------------------------------------------------------- export
 def export_checkpoint(model, config: ExportConfig | None = None, data=None, out=None, tokenizer=None) -> dict:
     """`mbconvert export`: a converted folder or any source checkpoint → out (default MODEL/export, or
-    `<file>-export` beside a checkpoint file), written whole. Returns export.json's content."""
-    from .export import export_model, require_formats
+    `<file>-export` beside a checkpoint file), written whole with config.json and the tokenizer files, so that an
+    app (or transformers/onnxruntime) needs nothing else. Returns export.json's content."""
+    from .export import export_model, resolve_formats
 
-    config = config or ExportConfig()
+    config = resolve_formats(config or ExportConfig())  # None: every installed format; fails before any work
     if config.int8_static and data is None and "onnx-int8" in config.formats:
         raise ConfigError("static INT8 needs calibration text: pass --data")
-    require_formats(config.formats)
     if _is_path(model):
         path = Path(model)
         loaded, tok = load_classifier(path, tokenizer=tokenizer)
@@ -370,6 +370,10 @@ def export_checkpoint(model, config: ExportConfig | None = None, data=None, out=
         report = export_model(loaded.eval(), tmp, config, encoded, source=source,
                         data_source=str(data) if _is_path(data) else ("<memory>" if data is not None else None))
         report["out_dir"] = str(out)
+        _save_tokenizer(tok, tmp)  # with config.json (export_model): the folder loads like a Hugging Face folder
+        if tok is None:
+            report["warnings"].append("no tokenizer: the export folder has config.json but no tokenizer files")
+            log.warning("warning: %s", report["warnings"][-1])
         write_json(tmp / "export.json", report)
     from .export import render_summary
 

@@ -174,12 +174,12 @@ def test_coreml_package_spec_flexible_and_fixed_lengths(mobilebert_dir, mobilebe
 
     spec = ct.utils.load_spec(str(mobilebert_dir / "export" / "model.mlpackage"))
     assert [i.name for i in spec.description.input] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert [o.name for o in spec.description.output] == ["logits"]
+    assert [o.name for o in spec.description.output] == ["classLabel", "classLabel_probs", "logits"]
     assert spec.WhichOneof("Type") == "mlProgram"
     flexible = mobilebert_export["artifacts"]["coreml"]
     assert flexible["precision"] == "fp16" and flexible["fp16_check"]["ok"]
     assert all(i["ranges"] == [[1, 1], [1, 512]] for i in flexible["spec"]["inputs"])
-    assert flexible["spec"]["outputs"][0]["shape"] == [1, 4]
+    assert flexible["spec"]["outputs"][2] == {"name": "logits", "type": "multiArrayType", "shape": [1, 4], "ranges": None}
     assert flexible["spec"]["mil_ops"] > 50 and 0 < flexible["spec"]["weights_mb"] <= flexible["size_mb"]
     fixed = student_export["artifacts"]["coreml"]
     assert all(i["shape"] == [1, 32] and i["ranges"] is None for i in fixed["spec"]["inputs"])
@@ -187,6 +187,13 @@ def test_coreml_package_spec_flexible_and_fixed_lengths(mobilebert_dir, mobilebe
     assert fixed["weights_8bit"] and fixed["spec"]["weights_mb"] < 0.35 * fp32_mb  # 1 byte vs 4 per weight
     if sys.platform != "darwin":
         assert flexible["parity"] is None and "macOS" in flexible["note"]
+    for export in (mobilebert_export, student_export):  # FP16, 8-bit weights: classifiers fed by the softmax
+        assert export["artifacts"]["coreml"]["spec"]["classifier"] == {"label": "classLabel",
+                                                                       "probabilities": "classLabel_probs"}
+        package = ct.utils.load_spec(str(Path(export["out_dir"]) / "model.mlpackage"))
+        id2label = json.loads((Path(export["out_dir"]) / "config.json").read_text())["id2label"]
+        assert coreml_class_labels(package) == [id2label[str(i)] for i in range(4)]
+        assert coreml_probabilities_input(package) in ("probabilities", "probabilities_cast_to_fp32")  # not logits
 
 
 def test_coreml_falls_back_to_fp32_when_fp16_would_overflow(tokenizer, tmp_path, caplog):
@@ -227,10 +234,115 @@ def test_cli_export_onnx_writes_export_json(mobilebert_dir, tmp_path, capsys):
     assert main(["export", str(mobilebert_dir), "--format", "onnx", "--seq-len", "16", "-o", str(out)]) == 0
     report = json.loads((out / "export.json").read_text())
     assert list(report["artifacts"]) == ["onnx"] and report["artifacts"]["onnx"]["parity"]["passed"]
-    assert sorted(p.name for p in out.iterdir() if p.name != ".mbconvert") == ["export.json", "model.onnx"]
+    written = {p.name for p in out.iterdir() if p.name != ".mbconvert"}
+    assert {"export.json", "model.onnx", "config.json", "tokenizer.json", "vocab.txt"} <= written
+    assert not written & {"model.int8.onnx", "model.mlpackage"}, "only the format asked for"
     assert "model.onnx" in capsys.readouterr().out
 
 
 def test_onnx_latency_helper(student_export):
     path = f"{student_export['out_dir']}/model.int8.onnx"
     assert onnx_latency(path, batch=2, seq_len=32, threads=1, warmup=1, repeats=2) > 0
+
+
+# ------------------------------------------------------------------------------------- what an app needs
+
+def test_export_folder_loads_like_a_hugging_face_folder(mobilebert_dir, mobilebert_export):
+    """The folder alone runs the model: its tokenizer + onnxruntime on model.onnx give PyTorch's logits."""
+    import onnxruntime as ort
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(mobilebert_export["out_dir"])
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"} <= {p.name for p in folder.iterdir()}
+    config = AutoConfig.from_pretrained(str(folder))
+    assert [config.id2label[i] for i in range(config.num_labels)] == helpers.LABELS
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    enc = tok([r["text"] for r in helpers.synthetic_rows(6, seed=9)], padding=True, return_tensors="np")
+    assert (enc["attention_mask"] == 0).any(), "the batch must contain padding"
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()}
+    got = session.run(["logits"], feeds)[0]
+    model = AutoModelForSequenceClassification.from_pretrained(str(mobilebert_dir), attn_implementation="eager")
+    with torch.no_grad():
+        want = model.eval()(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_onnx_files_carry_labels_and_mbconvert_version(mobilebert_export):
+    import onnxruntime as ort
+
+    import mbconvert
+
+    folder = Path(mobilebert_export["out_dir"])
+    for name in ("model.onnx", "model.int8.onnx"):
+        meta = ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"]).get_modelmeta()
+        props = meta.custom_metadata_map
+        assert json.loads(props["id2label"]) == {str(i): n for i, n in enumerate(helpers.LABELS)}, name
+        assert props["mbconvert_version"] == mbconvert.__version__, name
+
+
+def coreml_class_labels(spec) -> list:
+    """The class names of the ML Program's classify op, in the order Core ML indexes them."""
+    block = next(iter(spec.mlProgram.functions["main"].block_specializations.values()))
+    classify = next(op for op in block.operations if op.type == "classify")
+    values = classify.inputs["classes"].arguments[0].value.immediateValue.list.values
+    return [v.immediateValue.tensor.strings.values[0] for v in values]
+
+
+def coreml_probabilities_input(spec) -> str:
+    block = next(iter(spec.mlProgram.functions["main"].block_specializations.values()))
+    return next(op for op in block.operations if op.type == "classify").inputs["probabilities"].arguments[0].name
+
+
+def test_coreml_package_is_a_classifier_in_label_id_order(tokenizer, tmp_path):
+    """Labels deliberately not in alphabetical order: Core ML's class labels must follow the ids."""
+    import coremltools as ct
+
+    import mbconvert
+
+    names = ["zeta", "alpha", "mid", "beta"]
+    model = mobilebert(len(tokenizer), layers=1)
+    model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    export_checkpoint(model, ExportConfig(formats=("coreml",), coreml_precision="fp32"), out=tmp_path / "out",
+                      tokenizer=tokenizer)
+    spec = ct.models.MLModel(str(tmp_path / "out" / "model.mlpackage"), skip_model_load=True).get_spec()
+    desc = spec.description
+    assert desc.predictedFeatureName == "classLabel" and desc.predictedProbabilitiesName == "classLabel_probs"
+    outputs = {o.name: o for o in desc.output}
+    assert outputs["classLabel"].type.WhichOneof("Type") == "stringType"
+    assert outputs["classLabel_probs"].type.WhichOneof("Type") == "dictionaryType"
+    assert list(outputs["logits"].type.multiArrayType.shape) == [1, 4], "raw logits stay available"
+    assert coreml_class_labels(spec) == names
+    assert desc.metadata.author == "mbconvert" and desc.metadata.versionString == mbconvert.__version__
+    assert desc.metadata.shortDescription
+    assert all(f.shortDescription for f in list(desc.input) + list(desc.output))
+    assert json.loads(desc.metadata.userDefined["id2label"]) == {str(i): n for i, n in enumerate(names)}
+
+
+# ------------------------------------------------------------------------------------- formats by backend
+
+def test_default_formats_are_those_whose_backend_is_installed(mobilebert_dir, tmp_path, monkeypatch, caplog):
+    from mbconvert.cli import main
+
+    assert ExportConfig().formats is None, "no --format: every available format"
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # as if coremltools were not installed
+    out = tmp_path / "cli"
+    with caplog.at_level(logging.INFO, logger="mbconvert"):
+        assert main(["export", str(mobilebert_dir), "--seq-len", "16", "-o", str(out)]) == 0
+    report = json.loads((out / "export.json").read_text())
+    assert list(report["artifacts"]) == ["onnx", "onnx-int8"]
+    assert report["config"]["formats"] == ["onnx", "onnx-int8"], "export.json records what was exported"
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "coreml" in skipped[0] and "mbconvert[export]" in skipped[0]
+
+
+def test_no_backend_installed_is_a_missing_dependency(mobilebert_dir, tmp_path, monkeypatch, capsys):
+    from mbconvert.cli import main
+
+    for name in ("onnx", "onnxruntime", "coremltools"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(MissingDependencyError, match=r"mbconvert\[export\]"):
+        export_checkpoint(str(mobilebert_dir), ExportConfig(), out=tmp_path / "api")
+    assert main(["export", str(mobilebert_dir), "-o", str(tmp_path / "cli")]) == 2
+    assert "pip install 'mbconvert[export]'" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists() and not (tmp_path / "api").exists()
