@@ -121,10 +121,13 @@ def _same_data(report: dict, baseline: dict, report_path, baseline_path) -> None
     """Accuracy on different data, labels or against another source model says nothing about drift; refuse
     rather than pass or fail wrongly. Compares what both reports record."""
     a, b = report["inputs"], baseline["inputs"]
-    key = "data_sha256" if a.get("data_sha256") and b.get("data_sha256") else "tokens_sha256"
-    if a.get(key) != b.get(key):
+    if a.get("data_sha256") and b.get("data_sha256") and a["data_sha256"] != b["data_sha256"]:
         raise DataError(f"{report_path} and {baseline_path} were measured on different test data "
-                        f"({key} differs): regenerate the baseline on the same data")
+                        "(data_sha256 differs): regenerate the baseline on the same data")
+    if a.get("tokens_sha256") != b.get("tokens_sha256"):  # same file, read differently: another length or tokenizer
+        raise DataError(f"{report_path} and {baseline_path} were measured on different test data (tokens_sha256 "
+                        f"differs: sequence length {a.get('seq_len')} vs {b.get('seq_len')}, or another tokenizer): "
+                        "check with the baseline's --max-length and tokenizer")
     if a.get("labels") != b.get("labels"):
         raise DataError(f"{report_path} and {baseline_path} have different labels: {a.get('labels')} vs "
                         f"{b.get('labels')}")

@@ -131,6 +131,7 @@ def test_latency_gate_refuses_reports_from_other_threads_or_machines(reports, tm
     ("future_schema", "report schema 99"),
     ("incomplete", "incomplete report"),
     ("other_data", "different test data"),
+    ("other_tokens", "tokens_sha256 differs: sequence length 16 vs"),
     ("old_schema", "report schema 2 is from an older mbconvert"),
     ("other_source", "different source model"),
     ("empty_latency", "no latency measurements"),
@@ -145,6 +146,7 @@ def test_bad_reports_are_bad_input(reports, tmp_path, capsys, case, message):
         "future_schema": lambda r: r.update(schema_version=99),
         "incomplete": lambda r: r["models"]["converted"].pop("accuracy"),
         "other_data": lambda r: r["inputs"].update(data_sha256="0" * 64),
+        "other_tokens": lambda r: r["inputs"].update(tokens_sha256="0" * 64, seq_len=16),  # same file, truncated
         "old_schema": lambda r: r.update(schema_version=2, models={"original": r["models"]["source"],
                                                                   "converted": r["models"]["converted"]}),
         "other_source": lambda r: r["models"]["source"].update(weights_sha256="0" * 64),
