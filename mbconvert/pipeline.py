@@ -290,7 +290,7 @@ def recover_checkpoint(model_dir, source, train, eval_data=None, config: Recover
                           "trains mbconvert's output; convert the source first")
     out = Path(out) if out is not None else model_dir
     inputs = _paths(source, tokenizer, train, eval_data) + ([] if out == model_dir else [model_dir])
-    check_output_dir(out, sources=inputs, overwrite=overwrite or out == model_dir)
+    check_output_dir(out, sources=inputs, overwrite=overwrite)  # in place: mbconvert's own folder, or --overwrite
     model, tok = load_classifier(model_dir, tokenizer=tokenizer)
     src = load_source(source, tokenizer=tokenizer, require_tokenizer=tok is None)
     tok = tok or src.tokenizer

@@ -310,3 +310,20 @@ def test_each_progress_bar_counts_its_own_stage_from_zero_to_its_total(lossy, te
     bars = capsys.readouterr().err.replace("\r", "\n")
     task = [line for line in bars.splitlines() if line.startswith("recovery: task")]
     assert task and " 0/10 " in task[0] and " 10/10 " in task[-1], task[:1] + task[-1:]
+
+
+def test_recover_in_place_needs_overwrite_for_a_folder_mbconvert_did_not_write(converted_dir, trained_student,
+                                                                               task_data, tmp_path, capsys):
+    """A user's own MobileBERT folder (no mbconvert marker) is rewritten whole only when asked."""
+    import shutil
+
+    folder = tmp_path / "users-mobilebert"
+    shutil.copytree(converted_dir, folder)
+    (folder / "notes.txt").write_text("mine", encoding="utf-8")
+    small = tmp_path / "train.jsonl"
+    small.write_text("".join(task_data["train"].read_text(encoding="utf-8").splitlines(True)[:32]), encoding="utf-8")
+    args = ["recover", str(folder), "--source", str(trained_student), "--train", str(small), "--steps", "2"]
+    assert cli.main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert cli.main(args + ["--overwrite"]) == 0
+    assert (folder / "recovery.json").is_file() and not (folder / "notes.txt").exists()
