@@ -24,7 +24,7 @@ import helpers
 from mbconvert.check import CompatibilityTestSuite, latency_entry, measure_latency
 from mbconvert.stats import classification_metrics, mcnemar_exact_p, paired_accuracy, paired_bootstrap_ci
 from mbconvert.cli import main
-from mbconvert.config import CheckConfig, GateConfig
+from mbconvert.config import CheckConfig
 from mbconvert.data import Encoded, load_encoded
 from mbconvert.errors import ConfigError, ShapeMismatchError
 from mbconvert.load import load_classifier
