@@ -21,20 +21,18 @@ from torch import nn
 from . import __version__
 from .config import ExportConfig
 from .export import INPUT_NAMES, Inputs, LogitsWrapper, compare, id2label, size_mb
-
-FP16_MAX = 65504.0
+from .numerics import FP16_MAX, activation_peaks
 FP16_MASK_VALUE = -3.0e4  # large enough to zero a softmax term, small enough not to overflow FP16
 
 
 @torch.no_grad()
-def _activation_stats(wrapper: LogitsWrapper, feeds: list[torch.Tensor]) -> tuple[float, bool]:
-    """(peak |output|, all outputs finite) over every submodule's floating-point output."""
-    peak, finite = 0.0, True
+def _all_finite(wrapper: LogitsWrapper, feeds: list[torch.Tensor]) -> bool:
+    """Is every submodule's floating-point output finite (no inf/NaN)?"""
+    finite = True
 
     def hook(_module, _inp, out):
-        nonlocal peak, finite
+        nonlocal finite
         if isinstance(out, torch.Tensor) and out.is_floating_point():
-            peak = max(peak, float(out.abs().max()))
             finite = finite and bool(torch.isfinite(out).all())
 
     handles = [m.register_forward_hook(hook) for m in wrapper.modules()]
@@ -43,18 +41,22 @@ def _activation_stats(wrapper: LogitsWrapper, feeds: list[torch.Tensor]) -> tupl
     finally:
         for h in handles:
             h.remove()
-    return peak, finite
+    return finite
 
 
-def fp16_check(model: nn.Module, inputs: Inputs) -> dict:
-    """Does the model survive FP16? Peak |activation| in FP32 vs 65504, and a real FP16 run for inf/NaN.
+def fp16_check(model: nn.Module, inputs: Inputs, activations: dict | None = None) -> dict:
+    """Does the model survive FP16? Peak |activation| in FP32 over real tokens vs 65504
+    (mbconvert.numerics.activation_peaks; pass `activations` if already measured on `inputs`), and a real FP16 run
+    for inf/NaN.
 
     The peak catches overflows that tanh/softmax would hide; the FP16 run catches ones inside attention.
     """
+    activations = activations or activation_peaks(model, inputs.encoded())
     feeds = [torch.from_numpy(v) for v in inputs.feeds().values()]
-    fp32_peak, _ = _activation_stats(LogitsWrapper(model), feeds)
-    _, finite = _activation_stats(LogitsWrapper(copy.deepcopy(model).half(), FP16_MASK_VALUE), feeds)
-    return {"peak_abs_activation": fp32_peak, "fp16_finite": finite, "ok": fp32_peak < FP16_MAX and finite}
+    finite = _all_finite(LogitsWrapper(copy.deepcopy(model).half(), FP16_MASK_VALUE), feeds)
+    peak = activations["peak"]
+    return {"peak_abs_activation": peak, "module": activations["module"], "fp16_finite": finite,
+            "ok": peak < FP16_MAX and finite}
 
 
 class _WithProbabilities(nn.Module):
@@ -108,12 +110,14 @@ def describe(mlmodel, model: nn.Module, labels: list[str]) -> None:
     mlmodel.user_defined_metadata["id2label"] = json.dumps(id2label(model), ensure_ascii=False)
 
 
-def export_coreml(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig) -> dict:
-    """ML Program with FP16 compute unless the model overflows FP16; batch 1, flexible or fixed length."""
+def export_coreml(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig,
+                  activations: dict | None = None) -> dict:
+    """ML Program with FP16 compute unless the model overflows FP16; batch 1, flexible or fixed length.
+    `activations`: activation_peaks on `inputs`, if export_model measured them already."""
     report: dict = {}
     use_fp16 = config.coreml_precision == "fp16"
     if use_fp16:
-        report["fp16_check"] = check = fp16_check(model, inputs)
+        report["fp16_check"] = check = fp16_check(model, inputs, activations)
         if not check["ok"]:
             use_fp16 = False
             report["warning"] = (
@@ -174,9 +178,10 @@ def coreml_logits(path: Path, inputs: Inputs) -> np.ndarray:
     return np.concatenate([np.asarray(r).reshape(1, -1) for r in rows])
 
 
-def export_coreml_format(model, tmp: Path, inputs: Inputs, reference: np.ndarray, config: ExportConfig) -> dict:
+def export_coreml_format(model, tmp: Path, inputs: Inputs, reference: np.ndarray, config: ExportConfig,
+                         activations: dict | None = None) -> dict:
     path = tmp / "model.mlpackage"
-    report = export_coreml(model, path, inputs, config)
+    report = export_coreml(model, path, inputs, config, activations)
     report.update(file=path.name, size_mb=size_mb(path), spec=inspect_coreml(path))
     if platform.system() == "Darwin":
         exact = report["precision"] == "fp32" and not config.coreml_quantize

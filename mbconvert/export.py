@@ -32,6 +32,7 @@ from .config import EXPORT_FORMATS, ExportConfig
 from .data import Encoded
 from .environment import versions
 from .errors import ConfigError, MissingDependencyError
+from .numerics import activation_peaks
 
 log = logging.getLogger("mbconvert")
 SCHEMA_VERSION = 1
@@ -91,6 +92,10 @@ class Inputs:
     @property
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
+
+    def encoded(self) -> Encoded:
+        """The rows as `Encoded` tensors (what mbconvert.numerics.activation_peaks reads)."""
+        return Encoded(*(torch.from_numpy(getattr(self, name)) for name in INPUT_NAMES), None)
 
 
 def require(*modules: str) -> None:
@@ -352,19 +357,20 @@ def export_model(model, folder: Path, config: ExportConfig | None = None, data: 
     model.eval()
     inputs = sample_inputs(model, data, config, data_source)
     reference = torch_logits(model, inputs)
+    activations = activation_peaks(model, inputs.encoded())
     report = {"schema_version": SCHEMA_VERSION, "source": source,
               "model": {"type": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
                         "num_labels": model.config.num_labels},
               "config": config.to_dict(), "versions": versions(*BACKENDS),
               "inputs": {"source": inputs.source, "rows": len(inputs.input_ids), "seq_len": inputs.seq_len,
                          "labelled": inputs.labels is not None, "pytorch_accuracy": accuracy(reference, inputs.labels)},
-              "artifacts": {}}
+              "activations": activations, "artifacts": {}}
     if {"onnx", "onnx-int8"} & set(config.formats):
         report["artifacts"].update(export_onnx_formats(model, folder, inputs, reference, config))
     if "coreml" in config.formats:
         from .coreml import export_coreml_format  # imports this module: loaded only when needed
 
-        report["artifacts"]["coreml"] = export_coreml_format(model, folder, inputs, reference, config)
+        report["artifacts"]["coreml"] = export_coreml_format(model, folder, inputs, reference, config, activations)
     write_app_config(model, folder)
     report["warnings"] = [f"{fmt}: {a['warning']}" for fmt, a in report["artifacts"].items() if a.get("warning")]
     for warning in report["warnings"]:

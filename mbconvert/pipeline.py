@@ -29,6 +29,7 @@ from .data import Encoded, Examples, as_examples, encode, label_maps
 from .errors import ConfigError, TokenizerError
 from .fileio import atomic_dir, check_output_dir, write_json
 from .load import SourceModel, is_converted, load_classifier, load_source
+from .numerics import activation_peaks
 from .vocab import converted_saving, same_vocab
 
 log = logging.getLogger("mbconvert")
@@ -144,6 +145,8 @@ def map_source(src: SourceModel, config: ConvertConfig, calib: Examples | None) 
                  "(random init %.3f); last-layer cosine %.3f (random init %.3f)", ev["texts"],
                  ev["converted"]["agreement"], ev["random_init"]["agreement"],
                  ev["converted"]["layer_cosine"][-1], ev["random_init"]["layer_cosine"][-1])
+    if calib_enc is not None:  # FP16 range of the converted model, on the texts the mapping did not fit
+        report["activations"] = activation_peaks(mobile, held_out if held_out is not None else calib_enc)
     return mobile, report
 
 
@@ -270,6 +273,8 @@ def _recover(mobile, src: SourceModel, out: Path, conversion: dict | None, train
     summary = recover(mobile, src.model, train_enc, cfg, eval_enc, out_dir=out, resume=resume,
                       head_map=head_map_from(conversion), run=run)
     summary["weights"] = model_key(mobile)
+    summary["activations"] = activation_peaks(mobile, eval_enc if eval_enc is not None else train_enc,
+                                              max_rows=None if eval_enc is not None else 256)  # FP16 range
     print(summary_line(summary))
     files = {RECOVERY_FILE: summary}
     if conversion is not None:
