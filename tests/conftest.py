@@ -64,3 +64,18 @@ def trained_student(tmp_path_factory, tokenizer, tokenizer_dir, task_data) -> Pa
     model.save_pretrained(str(d))
     tokenizer.save_pretrained(str(d))
     return d
+
+
+@pytest.fixture(scope="session")
+def small_student(tmp_path_factory, tokenizer) -> Path:
+    """A tiny BERT (hidden 64, 2 layers, 2 heads) trained 20 steps, as an HF folder `student/` with its tokenizer,
+    beside train.jsonl (200 rows) and dev.jsonl (40 rows): the fastest source a whole pipeline run can take."""
+    d = tmp_path_factory.mktemp("small_student")
+    model = helpers.random_student(hidden=64, layers=2, heads=2, intermediate=128)
+    rows = helpers.synthetic_rows(200, seed=5)
+    helpers.train_student(model, tokenizer, rows, steps=20)
+    model.save_pretrained(str(d / "student"))
+    tokenizer.save_pretrained(str(d / "student"))
+    helpers.write_jsonl(d / "train.jsonl", rows)
+    helpers.write_jsonl(d / "dev.jsonl", helpers.synthetic_rows(40, seed=6))
+    return d

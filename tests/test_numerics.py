@@ -95,30 +95,17 @@ def test_export_json_reports_activations_on_its_inputs(tmp_path):
     json.dumps(report, allow_nan=False)
 
 
-@pytest.fixture(scope="module")
-def student(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("numerics_student")
-    model = helpers.random_student(hidden=64, layers=2, heads=2, intermediate=128)
-    train = helpers.synthetic_rows(120, seed=5)
-    helpers.train_student(model, tokenizer, train, steps=10)
-    model.save_pretrained(str(d / "student"))
-    tokenizer.save_pretrained(str(d / "student"))
-    helpers.write_jsonl(d / "train.jsonl", train)
-    helpers.write_jsonl(d / "dev.jsonl", helpers.synthetic_rows(20, seed=6))
-    return d
-
-
-def test_conversion_and_recovery_json_hold_the_activation_section(student, tmp_path):
+def test_conversion_and_recovery_json_hold_the_activation_section(small_student, tmp_path):
     from mbconvert.cli import main
 
-    d, out = student, tmp_path / "out"
+    d, out = small_student, tmp_path / "out"
     assert main([str(a) for a in [d / "student", "--bottleneck", "32", "--embedding-size", "32", "--calib",
                                   d / "train.jsonl", "--calib-samples", "32", "--train", d / "train.jsonl",
                                   "--eval", d / "dev.jsonl", "--steps", "2", "--batch-size", "16", "--threads", "1",
                                   "-o", out]]) == 0
     conversion = json.loads((out / "conversion.json").read_text(encoding="utf-8"))["activations"]
     recovery = json.loads((out / "recovery.json").read_text(encoding="utf-8"))["activations"]
-    assert conversion["rows"] == 120 - 32 and recovery["rows"] == 20  # held-out texts; the eval rows
+    assert conversion["rows"] == 200 - 32 and recovery["rows"] == 40  # held-out texts; the eval rows
     for section in (conversion, recovery):
         assert 0 < section["fp16_headroom"] < math.inf and len(section["layers"]) == 2
         assert section["module"].startswith("mobilebert.")

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 
 import helpers
 from mbconvert.cli import main
-
-
-@pytest.fixture(scope="module")
-def small_student(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("pipeline_student")
-    model = helpers.random_student(hidden=64, layers=2, heads=2, intermediate=128)
-    rows = helpers.synthetic_rows(200, seed=5)
-    helpers.train_student(model, tokenizer, rows, steps=20)
-    model.save_pretrained(str(d / "student"))
-    tokenizer.save_pretrained(str(d / "student"))
-    helpers.write_jsonl(d / "train.jsonl", rows)
-    helpers.write_jsonl(d / "dev.jsonl", helpers.synthetic_rows(40, seed=6))
-    return d
 
 
 def test_convert_and_recover_in_one_run_equals_the_two_commands(small_student, tmp_path):
