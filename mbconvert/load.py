@@ -340,6 +340,8 @@ def load_classifier(source, *, tokenizer=None, heads: int | None = None):
         return src.model, src.tokenizer
     path = Path(source)
     if is_converted(path):
+        if tokenizer is None and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            return load_converted(path), None  # a weights-only conversion: the caller says if it needs one
         return load_converted(path), load_tokenizer(tokenizer if tokenizer is not None else path)
     src = load_source(path, heads=heads, tokenizer=tokenizer)
     return src.model, src.tokenizer
