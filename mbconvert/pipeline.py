@@ -75,7 +75,8 @@ def _save_model(out: Path, model, tokenizer, files: dict) -> None:
         _save_tokenizer(tokenizer, tmp)
         for name, obj in files.items():
             write_json(tmp / name, obj)
-        (tmp / "README.md").write_text(model_card(model, files.get(CONVERSION_FILE), files.get(RECOVERY_FILE)),
+        (tmp / "README.md").write_text(model_card(model, files.get(CONVERSION_FILE), files.get(RECOVERY_FILE),
+                                                  tokenizer is not None),
                                        encoding="utf-8")
     log.info("wrote %s", out)
 

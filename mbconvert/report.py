@@ -322,7 +322,7 @@ def summary_line(summary: dict) -> str:
 
 
 # ------------------------------------------------------------------ model card
-def model_card(model, conversion: dict | None, recovery: dict | None) -> str:
+def model_card(model, conversion: dict | None, recovery: dict | None, has_tokenizer: bool = True) -> str:
     """The output folder's README.md (a Hugging Face model card): what the model is, how it was made, what was
     measured. Built with huggingface_hub.ModelCard, from the reports only, so it is reproducible."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -340,6 +340,8 @@ def model_card(model, conversion: dict | None, recovery: dict | None) -> str:
              "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
              'model = AutoModelForSequenceClassification.from_pretrained("<this folder>")',
              'tokenizer = AutoTokenizer.from_pretrained("<this folder>")', "```", "",
+             *([] if has_tokenizer else ["This folder has no tokenizer (the source had none beside it): add the "
+                                         "source's tokenizer files before reading text.", ""]),
              "Labels: " + ", ".join(f"`{x}`" for x in labels), ""]
     if conversion:
         calib = conversion.get("calibration")

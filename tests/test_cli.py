@@ -144,6 +144,7 @@ def test_a_bare_state_dict_converts_without_tokenizer_and_says_what_the_output_l
     assert any("--tokenizer" in w and "--calib" in w for w in warnings), warnings
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out"))
     assert model.config.model_type == "mobilebert" and not (tmp_path / "out" / "tokenizer.json").exists()
+    assert "no tokenizer" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")  # the card says so too
     # the weights-only output goes on through the pipeline: export needs no tokenizer without --data
     code, _, err = run_cli(["export", tmp_path / "out", "--format", "onnx", "--seq-len", "16"], capsys)
     assert code == 0 and (tmp_path / "out" / "export" / "model.onnx").is_file(), err
