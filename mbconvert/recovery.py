@@ -59,16 +59,19 @@ def _logits(model, data: Encoded, device, batch_size: int, desc: str = "") -> to
     return out
 
 
-def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=None, desc: str = "") -> torch.Tensor:
+def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=None, desc: str = "",
+                   keys: tuple[str, str] | None = None) -> torch.Tensor:
     """The teacher's logits on every row, computed once per (teacher, dataset) and kept in the cache (outside the
-    output folder): a resume or a second recovery on the same data reuses them."""
+    output folder): a resume or a second recovery on the same data reuses them. `keys`: the (teacher, data) content
+    keys when the caller has them already (hashing a large model twice costs seconds)."""
     from .cache import cached, model_key
     from .checkpoint import data_key
 
     def compute():
         return {"logits": _logits(teacher, data, device, batch_size, desc)}
 
-    key = f"{model_key(teacher)}-{data_key(data)}"
+    teacher_key, rows_key = keys or (model_key(teacher), data_key(data))
+    key = f"{teacher_key}-{rows_key}"
     return cached(cache_dir, "teacher-logits", key, compute)["logits"].to(device)
 
 
@@ -95,8 +98,10 @@ class Recovery:
         self.cfg, self.run_options = cfg, run
         self.cache_dir = run.cache_dir
         self.device = torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.fingerprint = checkpoint.fingerprint(cfg.to_dict(), model_key(teacher), model_key(student),
-                                                  checkpoint.data_key(train), checkpoint.data_key(eval_data))
+        self.keys = {"teacher": model_key(teacher), "train": checkpoint.data_key(train),
+                     "eval": checkpoint.data_key(eval_data)}  # content keys, hashed once per run
+        self.fingerprint = checkpoint.fingerprint(cfg.to_dict(), self.keys["teacher"], model_key(student),
+                                                  self.keys["train"], self.keys["eval"])
         self.student = student.to(self.device)
         self.teacher = teacher.to(self.device).eval()
         self.train, self.eval_data, self.out_dir = train, eval_data, out_dir
@@ -140,7 +145,8 @@ class Recovery:
 
     def _teacher_eval_logits(self) -> torch.Tensor:
         """Cached like the training logits: a resume or a second recovery on the same dev data reuses them."""
-        return teacher_logits(self.teacher, self.eval_data, self.device, 2 * self.cfg.batch_size, self.cache_dir)
+        return teacher_logits(self.teacher, self.eval_data, self.device, 2 * self.cfg.batch_size, self.cache_dir,
+                              keys=(self.keys["teacher"], self.keys["eval"]))
 
     def _eval_reference(self) -> torch.Tensor:
         if self.eval_data.labels is not None:
@@ -251,7 +257,8 @@ class Recovery:
         optimizer_state = self._load() if resume else None
         # the teacher's logits are computed before the clock starts: a time budget is spent on training only
         self.teacher_logits = teacher_logits(self.teacher, self.train, self.device, 2 * self.cfg.batch_size,
-                                             self.cache_dir, desc="source logits (training data)")
+                                             self.cache_dir, desc="source logits (training data)",
+                                             keys=(self.keys["teacher"], self.keys["train"]))
         if self.eval_data is not None:
             self.teacher_eval_logits = self._teacher_eval_logits()
         self._clock = time.monotonic()
