@@ -7,7 +7,12 @@ Each family is one small module with data only:
   ``BertForSequenceClassification``'s (``bert.embeddings.*``, ``bert.encoder.layer.N.*``,
   ``bert.pooler.dense.*``, ``classifier.*``);
 - ``TRANSFORMS``: optional ``{canonical regex: function}`` for tensors that need more than a rename
-  (UER's segment table has a padding row; RoBERTa's positions start at padding_idx + 1).
+  (UER's segment table has a padding row; RoBERTa's positions start at padding_idx + 1);
+- ``complete(tensors, config)``: optional, for what a name map cannot say (ALBERT's shared layer unrolled per
+  depth, DistilBERT's missing token-type table);
+- ``CONFIG_NAMES``: optional ``{family's config.json field: BERT's}`` (DistilBERT's dim, n_layers, …);
+- ``HEAD_ACTIVATION``: the head's activation when it is not tanh (DistilBERT relu, ELECTRA gelu; see
+  ``mbconvert.canonical``).
 
 Adding a family means adding a module here and its name to ``FAMILIES``; the converter is not edited.
 """
@@ -16,9 +21,10 @@ from __future__ import annotations
 
 import re
 
-from . import bert, roberta, uer
+from . import albert, bert, distilbert, electra, roberta, uer
 
-FAMILIES = [uer, roberta, bert]  # checked in this order; bert is the fallback for bare HF names
+# checked in this order; bert is the fallback for bare HF names
+FAMILIES = [uer, roberta, distilbert, electra, albert, bert]
 STRIP_PREFIXES = ("module.", "model.")
 
 
@@ -49,8 +55,23 @@ def detect(keys, model_type: str | None = None):
     return None
 
 
-def to_canonical(state_dict: dict, family) -> tuple[dict, list[str]]:
-    """Rename (and transform) a family's keys to canonical names; returns (tensors, unmapped keys)."""
+def known() -> str:
+    """The families' names, for messages."""
+    return ", ".join(f.FAMILY for f in FAMILIES)
+
+
+def config_in_bert_names(config: dict, family) -> dict:
+    """A config.json's fields under BERT's names (a family's own names win over stale BERT-named copies)."""
+    out = dict(config)
+    for theirs, ours in getattr(family, "CONFIG_NAMES", {}).items():
+        if theirs in config:
+            out[ours] = config[theirs]
+    return out
+
+
+def to_canonical(state_dict: dict, family, config: dict | None = None) -> tuple[dict, list[str]]:
+    """Rename (transform, complete) a family's keys to canonical names; returns (tensors, unmapped keys).
+    `config`: the source's config.json in BERT's names (ALBERT's depth comes from it)."""
     out, unmapped = {}, []
     for key, tensor in state_dict.items():
         for pattern, template in family.KEY_MAP:
@@ -64,4 +85,6 @@ def to_canonical(state_dict: dict, family) -> tuple[dict, list[str]]:
         for key in list(out):
             if re.fullmatch(pattern, key):
                 out[key] = fn(out[key])
+    if hasattr(family, "complete"):
+        out = family.complete(out, config or {})
     return out, unmapped

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                          DistilBertForSequenceClassification)
 
 from mbconvert.data import read_rows, choose_max_length, encode, label_names_for, read_examples
 from mbconvert.errors import MbconvertError
@@ -46,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer folder when training from scratch")
     p.add_argument("--layers", type=int, default=4), p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--heads", type=int, default=8), p.add_argument("--intermediate", type=int, default=2048)
+    p.add_argument("--arch", choices=("bert", "distilbert"), default="bert",
+                   help="the student's architecture when training from scratch (distilbert: no token types, "
+                        "a ReLU pre-classifier head)")
     p.add_argument("--teacher", help="checkpoint to distil from (any format mbconvert loads)")
     p.add_argument("--alpha", type=float, default=0.5), p.add_argument("--temperature", type=float, default=3.0)
     p.add_argument("--epochs", type=float, default=3)
@@ -88,6 +92,8 @@ def fingerprint(a) -> dict:
     keep.update({k: digest(getattr(a, k)) for k in paths[1:8]})
     if a.init:  # the architecture and tokenizer come from --init
         keep.update(tokenizer=None, layers=None, hidden=None, heads=None, intermediate=None)
+    if keep.get("arch") == "bert":  # the default: BERT students' fingerprints stay what they were
+        keep.pop("arch")
     return keep
 
 
@@ -110,9 +116,14 @@ def build_model(a, names):
             a.init, num_labels=len(names), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
     else:
         tok = load_tokenizer(a.tokenizer)
+        labels = dict(num_labels=len(names), id2label=id2label, label2id=label2id)
+        if a.arch == "distilbert":
+            cfg = DistilBertConfig(vocab_size=len(tok), dim=a.hidden, n_layers=a.layers, n_heads=a.heads,
+                                   hidden_dim=a.intermediate, max_position_embeddings=512, **labels)
+            return DistilBertForSequenceClassification(cfg), tok
         cfg = BertConfig(vocab_size=len(tok), hidden_size=a.hidden, num_hidden_layers=a.layers,
                          num_attention_heads=a.heads, intermediate_size=a.intermediate, max_position_embeddings=512,
-                         num_labels=len(names), id2label=id2label, label2id=label2id)
+                         **labels)
         model = BertForSequenceClassification(cfg)
     return model, tok
 

@@ -98,7 +98,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     _source_args(p)
     p.add_argument("--labels", help="labels.json (class names by id) when no config.json says")
     p.add_argument("--calib", help="calibration texts (JSONL/CSV/TSV); default: a sample of --train")
-    for name, flag in (("bottleneck", None), ("ffn", None), ("heads", None), ("heads_out", None),
+    for name, flag in (("bottleneck", None), ("ffn", None), ("heads", None), ("layers", None), ("heads_out", None),
                        ("intermediate_size", "--intermediate"), ("embedding_size", None), ("norm", None),
                        ("act", None), ("calib_samples", None)):
         _field(ConvertConfig, name, p, flag)
@@ -178,7 +178,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--data", help="texts for parity, accuracy and static INT8 calibration")
         _source_args(p)
         p.add_argument("-o", "--output", help="default: MODEL/export (or <file>-export beside a checkpoint file)")
-        for name in ("seq_len", "int8_static", "coreml_precision", "coreml_quantize"):
+        for name in ("seq_len", "int8_static", "coreml_precision", "coreml_quantize", "fp16_safe", "fp16_margin"):
             _field(ExportConfig, name, p)
     elif command == "prune-vocab":
         p.add_argument("source", help="the source model (any format mbconvert loads), with its tokenizer")

@@ -62,6 +62,8 @@ class ConvertConfig(_Config):
                        choices=("no_norm", "layer_norm"))
     act: str = option("relu", "FFN activation: relu (MobileBERT) or gelu", choices=("relu", "gelu"))
     heads: int | None = option(None, "the source's head count when no config.json says (default hidden/64)")
+    layers: int | None = option(None, "the source's depth when no config.json says (ALBERT applies one shared "
+                                      "layer at every depth; other families' depth is in their weights)")
     calib_samples: int = option(256, "calibration texts used for the activation fits")
     calib_max_length: int | None = option(None, "calibration sequence length (default: the data's 99th "
                                                 "percentile, at most 128)")
@@ -82,6 +84,7 @@ class ConvertConfig(_Config):
         _choice("norm", self.norm, ("no_norm", "layer_norm"))
         _choice("act", self.act, ("relu", "gelu"))
         _number("heads", self.heads, 1, integer=True, optional=True)
+        _number("layers", self.layers, 1, 1024, integer=True, optional=True)
         _number("calib_samples", self.calib_samples, 1, integer=True)
         _number("calib_max_length", self.calib_max_length, 2, integer=True, optional=True)
         _number("ridge", self.ridge, 0)
@@ -225,6 +228,10 @@ class ExportConfig(_Config):
     threads: int = option(2, "onnxruntime intra-op threads for the checks and latency (phone-like)")
     latency_batch_sizes: tuple[int, ...] = option((1, 32), "batch sizes timed")
     latency_repeats: int = option(20, "timed runs per measurement (median reported), after 3 warm-up runs")
+    fp16_safe: str = option("auto", "rescale a NoNorm MobileBERT per channel, same function, so that its "
+                                    "activations fit FP16 (mbconvert.fp16): auto (when the FP16 headroom on the "
+                                    "export's rows is below --fp16-margin), on or off", choices=("auto", "on", "off"))
+    fp16_margin: float = option(16.0, "FP16 headroom (65504 / peak |activation|) that --fp16-safe keeps")
 
     def __post_init__(self):
         if self.formats is not None:  # None: resolved by mbconvert.export.resolve_formats
@@ -244,6 +251,8 @@ class ExportConfig(_Config):
         for b in self.latency_batch_sizes:
             _number("latency batch size", b, 1, integer=True)
         _number("latency_repeats", self.latency_repeats, 1, integer=True)
+        _choice("fp16_safe", self.fp16_safe, ("auto", "on", "off"))
+        _number("fp16_margin", self.fp16_margin, 1)
 
 
 EXPORT_FORMATS = ("onnx", "onnx-int8", "coreml")

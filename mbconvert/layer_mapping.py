@@ -286,7 +286,7 @@ class LayerMapper:
             w_up, b_up = self._map_ffn(k, block, idx, a, c, (w1, b1), (w2, b2 if last else None))
             if z is None:
                 continue
-            partial = partial + nn.functional.gelu(pre_all[:, idx].float()).to(F64) @ w2[:, idx].T
+            partial = partial + self.t.intermediate.intermediate_act_fn(pre_all[:, idx].float()).to(F64) @ w2[:, idx].T
             if last:
                 partial = partial + b2
             z = self._refit_ffn(z, block, w_up, b_up, a * pre_all[:, idx] + c, (partial - self.mu) @ self.Q.T, report)
@@ -294,9 +294,10 @@ class LayerMapper:
         return z
 
     def _relu_calibration(self, pre, n: int, report: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-neuron a, c with relu(a·p + c) ≈ gelu(p); a = 1, c = 0 for a GELU target or without data."""
+        """Per-neuron a, c with relu(a·p + c) ≈ act(p) (the source's GELU); a = 1, c = 0 for a GELU target or
+        without data."""
         if self.mc.hidden_act == "relu" and pre is not None:
-            a, c, fit = linalg.relu_calibration(pre, nn.functional.gelu)
+            a, c, fit = linalg.relu_calibration(pre, self.t.intermediate.intermediate_act_fn)
             report["relu_fit_r2"].append(fit)
             return a.to(F64), c.to(F64)
         return torch.ones(n, dtype=F64), torch.zeros(n, dtype=F64)

@@ -2,10 +2,11 @@
 
 Accepted: a state dict (.pt/.bin, with or without bert./roberta./module. prefixes and the head), a safetensors
 file, a Hugging Face model folder (config.json + weights + tokenizer), UER-py native names, or an in-memory
-transformers model (`source_from_model`). A file's type is read from its bytes, not its name. Everything is
-renamed to Hugging Face BertForSequenceClassification's keys (see mbconvert.adapters), the architecture is
-inferred from tensor shapes, config.json is checked against them, every shape is asserted, and a
-BertForSequenceClassification is built. Nothing is unpickled beyond weights_only=True, and declared tensor
+transformers model (`source_from_model`), of the families in mbconvert.adapters (BERT, RoBERTa, UER-py,
+DistilBERT, ELECTRA, ALBERT). A file's type is read from its bytes, not its name. Everything is renamed to
+Hugging Face BertForSequenceClassification's keys, the architecture is inferred from tensor shapes, config.json is
+checked against them, every shape is asserted, and the canonical classifier (mbconvert.canonical.SourceClassifier:
+BERT's, with a factorised embedding or another head activation where the family has one) is built. Nothing is unpickled beyond weights_only=True, and declared tensor
 sizes are checked against the file before anything is materialised (mbconvert.safeload.safe_torch_load).
 """
 
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig
 
 from . import adapters
+from .canonical import SourceClassifier
 from .errors import (CorruptFileError, NonFiniteWeightsError, ShapeMismatchError, TokenizerError,
                      UnknownArchitectureError)
 from .safeload import safe_torch_load, weights_format
@@ -42,7 +44,7 @@ MAX_ROWS = {"word_embeddings": 2**20, "position_embeddings": 2**17, "token_type_
 class SourceModel:
     """A loaded source model: the canonical BERT classifier plus what was learned while loading it."""
 
-    model: BertForSequenceClassification
+    model: SourceClassifier
     tokenizer: object | None
     family: str
     has_head: bool
@@ -87,9 +89,12 @@ def _find_weights(folder: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------- shapes
 def infer_config(sd: dict[str, torch.Tensor], base: dict | None = None, heads: int | None = None,
-                 num_labels: int | None = None, names: tuple[list[str], str] | None = None) -> BertConfig:
+                 num_labels: int | None = None, names: tuple[list[str], str] | None = None,
+                 head_activation: str = "tanh") -> BertConfig:
     """BertConfig from tensor shapes (absurd tables refused before anything is built); `base` (a config.json)
-    supplies what shapes cannot (heads, eps, class names); `names` = (class names, where they came from)."""
+    supplies what shapes cannot (heads, eps, class names); `names` = (class names, where they came from).
+    A projection after the embeddings (ELECTRA, ALBERT) makes it factorised (`embedding_size`);
+    `head_activation`: the family's (mbconvert.canonical)."""
     base = dict(base or {})
     rows = {}
     for table, limit in MAX_ROWS.items():
@@ -100,7 +105,12 @@ def infer_config(sd: dict[str, torch.Tensor], base: dict | None = None, heads: i
         if rows[table] > limit:
             raise ShapeMismatchError(f"{key} has {rows[table]} rows, far more than any real model ({limit} at "
                                      "most): refusing a corrupt or hostile file")
-    vocab, hidden = _shape(sd, "bert.embeddings.word_embeddings.weight", 2)
+    vocab, width = _shape(sd, "bert.embeddings.word_embeddings.weight", 2)
+    hidden = _shape(sd, "bert.encoder.layer.0.attention.self.query.weight", 2)[1]
+    factorised = "bert.embeddings.projection.weight" in sd
+    if width != hidden and not factorised:
+        raise ShapeMismatchError(f"the word embeddings are {width} wide but the encoder is {hidden} wide (and no "
+                                 "embedding projection was found)")
     intermediate = _shape(sd, "bert.encoder.layer.0.intermediate.dense.weight", 2)[0]
     layers = _layer_count(sd)
     n_heads = heads or base.get("num_attention_heads") or max(1, hidden // 64)
@@ -121,6 +131,10 @@ def infer_config(sd: dict[str, torch.Tensor], base: dict | None = None, heads: i
         layer_norm_eps=base.get("layer_norm_eps", 1e-12), pad_token_id=pad, num_labels=labels,
         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
     )
+    if factorised:
+        cfg["embedding_size"] = width
+    if head_activation != "tanh":
+        cfg["pooler_activation"] = head_activation
     names_by_id = class_names(labels, id2label, names)
     if names_by_id:
         cfg["id2label"], cfg["label2id"] = names_by_id, {v: k for k, v in names_by_id.items()}
@@ -174,25 +188,30 @@ def check_tensors(sd: dict, expected: dict[str, tuple], where: str, optional=())
 
 
 def build_model(sd: dict[str, torch.Tensor], config: BertConfig, seed: int = 0, where: str = "the weights"
-                ) -> tuple[BertForSequenceClassification, bool]:
+                ) -> tuple[SourceClassifier, bool]:
     """Assert every shape, check the values, load. The head is optional. Returns (model, has_head)."""
-    expected = expected_shapes(BertForSequenceClassification, config)
+    expected = expected_shapes(SourceClassifier, config)
     check_tensors(sd, expected, where, optional=HEAD_KEYS)
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
+    model = SourceClassifier(config)
     model.load_state_dict({k: v.float() for k, v in sd.items() if k in expected}, strict=False)
     return model.eval(), "classifier.weight" in sd
 
 
-def _build_source(sd: dict, base: dict, where: str, config_where: str, *, heads, num_labels, names, seed):
+def _build_source(sd: dict, base: dict, where: str, config_where: str, *, heads, num_labels, names, seed,
+                  layers=None):
     """State dict (any family's names) → (canonical model, has_head, family, ignored keys)."""
     sd = adapters.strip_wrappers(sd)
     family = adapters.detect(sd, base.get("model_type"))
     if family is None:
         raise UnknownArchitectureError(f"{where}: unknown key layout (first keys: {', '.join(list(sd)[:3])}); "
-                                       "supported: Hugging Face BERT/RoBERTa names, UER-py names")
-    canonical, unmapped = adapters.to_canonical(sd, family)
-    config = infer_config(canonical, base, heads=heads, num_labels=num_labels, names=names)
+                                       f"known families: {adapters.known()} (Hugging Face names; UER-py's own)")
+    base = validate_config(adapters.config_in_bert_names(base, family), config_where)
+    if layers is not None and base.get("num_hidden_layers") is None:
+        base["num_hidden_layers"] = layers
+    canonical, unmapped = adapters.to_canonical(sd, family, base)
+    config = infer_config(canonical, base, heads=heads, num_labels=num_labels, names=names,
+                          head_activation=getattr(family, "HEAD_ACTIVATION", "tanh"))
     check_config_matches(base, config, family, config_where)
     model, has_head = build_model(canonical, config, seed=seed, where=where)
     ignored = sorted(unmapped) + sorted(k for k in canonical if k.startswith(("ignored.", "unused.")))
@@ -228,7 +247,7 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
 
 # ------------------------------------------------------------------------------------------- entry points
 def source_from_model(model, tokenizer=None, *, heads: int | None = None, num_labels: int | None = None,
-                      labels: str | Path | None = None, seed: int = 0) -> SourceModel:
+                      labels: str | Path | None = None, seed: int = 0, layers: int | None = None) -> SourceModel:
     """A SourceModel from an in-memory transformers model (BertForSequenceClassification,
     RobertaForSequenceClassification, BertModel, …). Its state dict goes through the same name maps, config
     inference and shape checks as a file; the canonical copy shares no memory with `model`.
@@ -245,7 +264,8 @@ def source_from_model(model, tokenizer=None, *, heads: int | None = None, num_la
     sd = {k: v.detach().cpu() for k, v in sd.items()}
     names = (read_label_names(Path(labels)), str(labels)) if labels is not None else None
     canonical, has_head, family, ignored = _build_source(sd, base, type(model).__name__, origin, heads=heads,
-                                                         num_labels=num_labels, names=names, seed=seed)
+                                                         num_labels=num_labels, names=names, seed=seed,
+                                                         layers=layers)
     tok = load_tokenizer(tokenizer)
     if tok is not None:
         check_tokenizer(tok, canonical.config.vocab_size)
@@ -253,14 +273,16 @@ def source_from_model(model, tokenizer=None, *, heads: int | None = None, num_la
 
 
 def load_source(source, *, heads: int | None = None, tokenizer=None, num_labels: int | None = None,
-                 labels: str | Path | None = None, require_tokenizer: bool = True, seed: int = 0) -> SourceModel:
+                labels: str | Path | None = None, require_tokenizer: bool = True, seed: int = 0,
+                layers: int | None = None) -> SourceModel:
     """Load a source model (a checkpoint of any supported format, or an in-memory model: see source_from_model)
     into a canonical BertForSequenceClassification.
 
     Class names come from `labels` (a labels.json: a JSON list of names by id), else config.json, else a
     labels.json beside the checkpoint, else they stay LABEL_0…"""
     if isinstance(source, nn.Module):
-        src = source_from_model(source, tokenizer, heads=heads, num_labels=num_labels, labels=labels, seed=seed)
+        src = source_from_model(source, tokenizer, heads=heads, num_labels=num_labels, labels=labels, seed=seed,
+                                layers=layers)
         if src.tokenizer is None and require_tokenizer:
             raise TokenizerError(f"{src.path}: pass its tokenizer (tokenizer=a tokenizer object or folder)")
         return src
@@ -272,7 +294,8 @@ def load_source(source, *, heads: int | None = None, tokenizer=None, num_labels:
             base = read_config(path / "config.json")
     names = label_names_for(labels, tok_dir, base)
     model, has_head, family, ignored = _build_source(read_state_dict(weights), base, str(weights), origin,
-                                                     heads=heads, num_labels=num_labels, names=names, seed=seed)
+                                                     heads=heads, num_labels=num_labels, names=names, seed=seed,
+                                                     layers=layers)
     if not has_head:
         log.warning("%s has no classification head: the encoder converts, but a head must come from fine-tuning "
                     "(the converted model's head is randomly initialised)", path)

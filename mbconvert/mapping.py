@@ -37,9 +37,11 @@ from tqdm.auto import tqdm
 from transformers import BertForSequenceClassification, MobileBertConfig, MobileBertForSequenceClassification
 
 from . import linalg
+from .canonical import is_factorised
 from .config import ConvertConfig
 from .data import Encoded
 from .errors import ConfigError
+from .family_mapping import factorised_embedding, first_token_states, fit_head, needs_head_fit
 from .layer_mapping import LayerActivations, LayerMapper
 from .linalg import F64
 from .load import SourceModel
@@ -56,9 +58,10 @@ class MobileBERTAdapter:
 
     # ---------------------------------------------------------------- target shape
     def embedding_size(self, src) -> int:
-        """The factorised embedding width: the config's, else MobileBERT's 128 (at most the source's hidden size and
-        vocabulary: a pruned vocabulary can be smaller)."""
-        return self.config.embedding_size or min(128, src.hidden_size, src.vocab_size)
+        """The factorised embedding width: the config's, else a factorised source's own (ELECTRA, ALBERT), else
+        MobileBERT's 128 (at most the source's hidden size and vocabulary: a pruned vocabulary can be smaller)."""
+        own = getattr(src, "embedding_size", None)
+        return self.config.embedding_size or min(own or 128, src.hidden_size, src.vocab_size)
 
     def target_config(self, src) -> MobileBertConfig:
         c, H = self.config, src.hidden_size
@@ -126,11 +129,21 @@ class MobileBERTAdapter:
                                heads_imp[i], neurons_imp[i])
             layer_report, x_mobile = step.run(acts.layer(i) if acts else None, x_mobile)
             report["layers"].append(layer_report)
-        copy_(mobile.mobilebert.pooler.dense, teacher.bert.pooler.dense)
-        copy_(mobile.classifier, teacher.classifier)
+        if needs_head_fit(teacher):  # DistilBERT's ReLU head, ELECTRA's GELU head → MobileBERT's tanh pooler
+            ids, types, mask = embedding_tokens(teacher, acts, self.config.seed)
+            first = acts.hidden[-1][:, 0] if acts else first_token_states(teacher, ids, mask, types)
+            report["head"] = fit_head(teacher, mobile, first)
+        else:
+            copy_(mobile.mobilebert.pooler.dense, teacher.bert.pooler.dense)
+            copy_(mobile.classifier, teacher.classifier)
         return mobile, report
 
     def _map_embeddings(self, teacher, mobile, acts) -> dict:
+        if is_factorised(teacher.config):  # ELECTRA, ALBERT: their own E-wide tables (mbconvert.family_mapping)
+            report = factorised_embedding(teacher, mobile, *embedding_tokens(teacher, acts, self.config.seed))
+            pre, target = embedding_norm_data(teacher, mobile, acts, self.config.seed)
+            report["norm_fit_r2"] = linalg.fit_norm(mobile.mobilebert.embeddings.LayerNorm, pre, target)
+            return report
         te, me = teacher.bert.embeddings, mobile.mobilebert.embeddings
         e = mobile.config.embedding_size
         word = te.word_embeddings.weight.to(F64)
@@ -203,19 +216,19 @@ class TeacherActivations:
                                 mask4d=self.mask4d)
 
 
-def embedding_norm_data(teacher, mobile, acts, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(MobileBERT's pre-norm embedding sum, BERT's embedding output) on the same tokens.
-
-    Without calibration text, tokens are drawn uniformly from the vocabulary at random positions:
-    the embedding tables alone define these statistics, no text is needed."""
+def embedding_tokens(teacher, acts, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, token_type_ids, mask) of the calibration texts; without calibration text, tokens drawn
+    uniformly from the vocabulary at random positions: the embedding tables alone define their statistics."""
     if acts is not None:
-        ids, types = acts.batch["input_ids"], acts.batch["token_type_ids"]
-        mask = acts.mask
-    else:
-        g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, teacher.config.vocab_size, (64, 64), generator=g)
-        types = torch.zeros_like(ids)
-        mask = torch.ones_like(ids, dtype=torch.bool)
+        return acts.batch["input_ids"], acts.batch["token_type_ids"], acts.mask
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, teacher.config.vocab_size, (64, 64), generator=g)
+    return ids, torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool)
+
+
+def embedding_norm_data(teacher, mobile, acts, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MobileBERT's pre-norm embedding sum, the source's embedding output) on the same tokens (embedding_tokens)."""
+    ids, types, mask = embedding_tokens(teacher, acts, seed)
     captured = []
     hook = mobile.mobilebert.embeddings.LayerNorm.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
     try:

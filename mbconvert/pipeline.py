@@ -23,10 +23,12 @@ import os
 from pathlib import Path
 
 from .cache import cache_root, content_key, model_key
+from .canonical import as_bert, head_activation
 from .checkpoint import data_key, fingerprint, same_run
 from .config import CheckConfig, ConvertConfig, ExportConfig, RecoveryConfig, RunOptions
 from .data import Encoded, Examples, as_examples, encode, label_maps
 from .errors import ConfigError, TokenizerError
+from .family_mapping import describe
 from .fileio import atomic_dir, check_output_dir, write_json
 from .load import SourceModel, is_converted, load_classifier, load_source
 from .numerics import activation_peaks
@@ -56,8 +58,8 @@ def _paths(*items) -> list[Path]:
 
 
 def _load_source(source, config: ConvertConfig, tokenizer=None, labels=None) -> SourceModel:
-    return load_source(source, heads=config.heads, tokenizer=tokenizer, labels=labels, seed=config.seed,
-                        require_tokenizer=False)
+    return load_source(source, heads=config.heads, layers=config.layers, tokenizer=tokenizer, labels=labels,
+                       seed=config.seed, require_tokenizer=False)
 
 
 def _examples(data, model_config, require_labels: bool = False) -> Examples:
@@ -138,7 +140,7 @@ def map_source(src: SourceModel, config: ConvertConfig, calib: Examples | None) 
     report = {"source": {"path": src.path, "family": src.family, "has_head": src.has_head,
                          "ignored_keys": src.ignored_keys, "hidden_size": c.hidden_size,
                          "num_attention_heads": c.num_attention_heads, "intermediate_size": c.intermediate_size,
-                         "num_hidden_layers": c.num_hidden_layers},
+                         "num_hidden_layers": c.num_hidden_layers, "mapping": describe(c, src.family)},
               "config": config.to_dict(), **report}
     if held_out is not None:
         ev = report["evaluation"] = evaluate_mapping(src.model, mobile, held_out, config.seed)
@@ -153,7 +155,8 @@ def map_source(src: SourceModel, config: ConvertConfig, calib: Examples | None) 
 
 def _conversion_key(src: SourceModel, config: ConvertConfig, calib: Examples | None) -> str:
     calib_part = None if calib is None else [calib.texts, calib.text_pairs, calib.labels]
-    return content_key(model_key(src.model), config.to_dict(), calib_part)
+    act = head_activation(src.config)  # not in the weights: a ReLU/GELU head is another function
+    return content_key(model_key(src.model), config.to_dict(), calib_part, *([act] if act != "tanh" else []))
 
 
 def _warn_missing(src: SourceModel, calib) -> None:
@@ -399,12 +402,13 @@ def prune_checkpoint(source, out=None, vocab_from=None, config: ConvertConfig | 
         raise ConfigError("prune-vocab keeps the tokens of the texts in --vocab-from FILE: pass it")
     out = Path(out) if out is not None else default_output(source, "pruned")
     check_output_dir(out, sources=_paths(source, tokenizer, labels, vocab_from, eval_data), overwrite=overwrite)
-    src = load_source(source, heads=config.heads, tokenizer=tokenizer, labels=labels, seed=config.seed)
+    src = load_source(source, heads=config.heads, layers=config.layers, tokenizer=tokenizer, labels=labels,
+                      seed=config.seed)
     eval_ex = _examples(eval_data, src.config) if eval_data is not None else None
     src, report = _prune(src, config, vocab_from, None, eval_ex)
     report["source"] = src.path
     with atomic_dir(out, kind="model", overwrite=True) as tmp:
-        src.model.save_pretrained(str(tmp), safe_serialization=True)
+        as_bert(src.model).save_pretrained(str(tmp), safe_serialization=True)
         _save_tokenizer(src.tokenizer, tmp)
         write_json(tmp / VOCAB_FILE, report)
     log.info("wrote %s", out)
