@@ -348,31 +348,56 @@ def stamp_onnx(path: Path, model) -> None:
     onnx.save(proto, str(path))
 
 
+def fp16_safe(model, inputs: Inputs, activations: dict, config: ExportConfig) -> tuple[nn.Module, dict]:
+    """`--fp16-safe`: when `on`, or `auto` and the FP16 headroom on `inputs` is below the margin, a copy of the
+    model rescaled per channel so that its activations fit FP16 with the same function (mbconvert.fp16); else the
+    model itself. Returns the model to export and export.json's `fp16_safe` section."""
+    room = activations["fp16_headroom"]
+    section = {"mode": config.fp16_safe, "margin": config.fp16_margin, "fp16_headroom": room}
+    if config.fp16_safe == "off" or (config.fp16_safe == "auto" and (room is None or room >= config.fp16_margin)):
+        reason = "--fp16-safe off" if config.fp16_safe == "off" else "the FP16 headroom is at least the margin"
+        return model, {**section, "rescaled": False, "reason": reason}
+    from .fp16 import make_fp16_safe
+
+    safe = copy.deepcopy(model)
+    section.update(make_fp16_safe(safe, inputs.encoded(), config.fp16_margin, activations=activations))
+    if section["reason"] and config.fp16_safe == "on":
+        section["warning"] = f"--fp16-safe on did nothing: {section['reason']}"
+    elif section.get("unbounded"):
+        section["warning"] = (f"the FP16 rescale cannot bound {', '.join(section['unbounded'])} within "
+                              f"65504 / {config.fp16_margin:g} (export.json: fp16_safe.not_rescalable)")
+    return (safe if section["rescaled"] else model), section
+
+
 def export_model(model, folder: Path, config: ExportConfig | None = None, data: Encoded | None = None,
            source: str = "", data_source: str | None = None) -> dict:
     """Write every format in `config.formats` (None: every installed one) and config.json into `folder` (an empty
     working folder: the pipeline makes it and moves it into place) and check each against PyTorch on `data`
-    (tokenised; synthetic rows without). Returns export.json's content."""
+    (tokenised; synthetic rows without). With `config.fp16_safe` the artifacts come from a copy rescaled to fit FP16
+    (`fp16_safe`), still checked against the model as given. Returns export.json's content."""
     config = resolve_formats(config or ExportConfig())
     model.eval()
     inputs = sample_inputs(model, data, config, data_source)
     reference = torch_logits(model, inputs)
     activations = activation_peaks(model, inputs.encoded())
+    model, safe = fp16_safe(model, inputs, activations, config)  # the reference stays the model as given
     report = {"schema_version": SCHEMA_VERSION, "source": source,
               "model": {"type": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
                         "num_labels": model.config.num_labels},
               "config": config.to_dict(), "versions": versions(*BACKENDS),
               "inputs": {"source": inputs.source, "rows": len(inputs.input_ids), "seq_len": inputs.seq_len,
                          "labelled": inputs.labels is not None, "pytorch_accuracy": accuracy(reference, inputs.labels)},
-              "activations": activations, "artifacts": {}}
+              "activations": activations, "fp16_safe": safe, "artifacts": {}}
     if {"onnx", "onnx-int8"} & set(config.formats):
         report["artifacts"].update(export_onnx_formats(model, folder, inputs, reference, config))
     if "coreml" in config.formats:
         from .coreml import export_coreml_format  # imports this module: loaded only when needed
 
-        report["artifacts"]["coreml"] = export_coreml_format(model, folder, inputs, reference, config, activations)
+        report["artifacts"]["coreml"] = export_coreml_format(model, folder, inputs, reference, config,
+                                                             None if safe["rescaled"] else activations)
     write_app_config(model, folder)
-    report["warnings"] = [f"{fmt}: {a['warning']}" for fmt, a in report["artifacts"].items() if a.get("warning")]
+    report["warnings"] = [f"{fmt}: {a['warning']}" for fmt, a in {"fp16-safe": safe, **report["artifacts"]}.items()
+                          if a.get("warning")]
     for warning in report["warnings"]:
         log.warning("warning: %s", warning)
     return report

@@ -198,7 +198,7 @@ def test_coreml_package_spec_flexible_and_fixed_lengths(mobilebert_dir, mobilebe
 
 def test_coreml_falls_back_to_fp32_when_fp16_would_overflow(tokenizer, tmp_path, caplog):
     model = mobilebert(len(tokenizer), layers=1, scale_nonorm=30.0)  # one layer: half the conversion time
-    cfg = ExportConfig(formats=("coreml",))
+    cfg = ExportConfig(formats=("coreml",), fp16_safe="off")
     with caplog.at_level(logging.WARNING, logger="mbconvert"):
         report = export_checkpoint(model, cfg, out=tmp_path / "out", tokenizer=tokenizer)
     coreml = report["artifacts"]["coreml"]
