@@ -118,6 +118,8 @@ def _vocab_args(p, required: bool = False) -> None:
 def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     g = p.add_argument_group("recovery" if standalone else "recovery (with --train)")
     g.add_argument("--train", required=standalone, help="training texts for recovery (JSONL/CSV/TSV)")
+    g.add_argument("--unlabelled", help="texts without labels added to the distillation (.txt: one per line, or "
+                                        "JSONL/CSV/TSV): the source labels them; cross-entropy reads only --train")
     g.add_argument("--eval", help="dev data for early stopping and the summary")
     g.add_argument("--budget", help=RecoveryConfig.help("budget_s"))
     for name in ("steps", "epochs", "batch_size", "max_length", "lr", "layerwise_share", "temperature", "alpha",
@@ -210,7 +212,7 @@ def run(command: str, a: argparse.Namespace) -> int:
                                     labels=a.labels, train=a.train, eval_data=a.eval,
                                     recovery=recovery if a.train else None,
                                     run=_config(RunOptions, a), resume=a.resume, overwrite=a.overwrite,
-                                    vocab_from=a.vocab_from)
+                                    vocab_from=a.vocab_from, unlabelled=a.unlabelled)
         return 0
     if command == "prune-vocab":
         pipeline.prune_checkpoint(a.source, a.output, a.vocab_from, _config(ConvertConfig, a, prune_vocab=True),
@@ -219,7 +221,7 @@ def run(command: str, a: argparse.Namespace) -> int:
     if command == "recover":
         pipeline.recover_checkpoint(a.model, a.source, a.train, eval_data=a.eval, config=_recovery_config(a),
                                     out=a.output, resume=a.resume, tokenizer=a.tokenizer, run=_config(RunOptions, a),
-                                    overwrite=a.overwrite)
+                                    overwrite=a.overwrite, unlabelled=a.unlabelled)
         return 0
     if command == "check":
         result = pipeline.check_checkpoint(a.model, a.against, a.data, config=_config(CheckConfig, a),

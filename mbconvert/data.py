@@ -21,6 +21,7 @@ from .errors import DataError
 MAX_FIELD_CHARS = 1 << 24  # a CSV field longer than this is malformed data, not a text
 TEXT_KEYS = ("text", "text_a", "sentence", "sentence1")
 PAIR_KEYS = ("text_b", "sentence2")
+UNLABELLED = -1  # the label of a training row without one (--unlabelled): KD only, no cross-entropy
 
 
 @dataclass
@@ -279,6 +280,36 @@ def as_examples(data, label2id: dict[str, int] | None = None, num_labels: int | 
         raise DataError(f"cannot read data of type {type(data).__name__}: pass a file path, a list of texts, "
                         "(texts, labels), or a datasets.Dataset")
     return examples_from_rows(rows, "<memory>", label2id, num_labels, require_labels, limit)
+
+
+def read_texts(data) -> Examples:
+    """Texts without labels (a vocabulary's corpus, unlabelled text for distillation): a .txt file (one text per
+    line, unless its first line is a TSV header naming a text column), a JSONL/CSV/TSV data file (its text columns;
+    labels ignored), a list of texts, or any data `as_examples` reads."""
+    if not isinstance(data, (str, os.PathLike)):
+        return as_examples(data)
+    path = Path(data)
+    if path.suffix.lower() == ".txt" and path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text") from None
+        if not (lines and set(lines[0].split("\t")) & set(TEXT_KEYS)):
+            texts = [line for line in lines if line.strip()]
+            if not texts:
+                raise DataError(f"{path}: the text file is empty")
+            return Examples(texts, None, None)
+    return read_examples(path, texts_only=True)
+
+
+def with_unlabelled(train: Examples, unlabelled: Examples) -> Examples:
+    """The training rows followed by unlabelled texts, whose label is UNLABELLED (−1): distillation reads every row,
+    the cross-entropy only the labelled ones. Pairs must match (both sentence pairs or both single texts)."""
+    if (train.text_pairs is None) != (unlabelled.text_pairs is None):
+        raise DataError("the unlabelled texts and the training data must both be single texts or both pairs")
+    labels = None if train.labels is None else train.labels + [UNLABELLED] * len(unlabelled)
+    pairs = None if train.text_pairs is None else train.text_pairs + unlabelled.text_pairs
+    return Examples(train.texts + unlabelled.texts, pairs, labels)
 
 
 def load_encoded(path: str | os.PathLike, tokenizer, model_config, max_length: int | None = None,

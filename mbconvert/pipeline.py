@@ -26,7 +26,7 @@ from .cache import cache_root, content_key, model_key
 from .canonical import as_bert, head_activation
 from .checkpoint import data_key, fingerprint, same_run
 from .config import CheckConfig, ConvertConfig, ExportConfig, RecoveryConfig, RunOptions
-from .data import Encoded, Examples, as_examples, encode, label_maps
+from .data import Encoded, Examples, as_examples, encode, label_maps, read_texts, with_unlabelled
 from .errors import ConfigError, TokenizerError
 from .family_mapping import describe
 from .fileio import atomic_dir, check_output_dir, write_json
@@ -178,9 +178,9 @@ def _prune(src: SourceModel, config: ConvertConfig, vocab_from, texts: Examples 
         raise ConfigError("--vocab-from names the texts whose tokens --prune-vocab keeps: pass --prune-vocab too")
     if not config.prune_vocab:
         return src, None
-    from .vocab import coverage, prune_source, read_vocab_texts
+    from .vocab import coverage, prune_source
 
-    texts = read_vocab_texts(vocab_from) if vocab_from is not None else texts
+    texts = read_texts(vocab_from) if vocab_from is not None else texts
     if texts is None:
         raise ConfigError("--prune-vocab keeps the tokens of the task's texts: pass --vocab-from FILE, --train or "
                           "--calib")
@@ -197,7 +197,7 @@ def _prune(src: SourceModel, config: ConvertConfig, vocab_from, texts: Examples 
 def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *, calib=None, tokenizer=None,
                        labels=None, train=None, eval_data=None, recovery: RecoveryConfig | None = None,
                        run: RunOptions | None = None, resume: bool = False, overwrite: bool = False,
-                       vocab_from=None) -> dict:
+                       vocab_from=None, unlabelled=None) -> dict:
     """`mbconvert SOURCE`: load → map → save; with `train`, recover in memory and save once. Returns
     conversion.json's content (with the recovery summary under "recovery").
 
@@ -206,12 +206,15 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
     defaults to a sample of `train`. `out`: default `<source>-mobilebert`; an existing folder that mbconvert did not
     write is refused unless `overwrite`. `resume`: continue an interrupted run in `out` (a finished one is a no-op).
     `config.prune_vocab`: prune the source's vocabulary to the tokens of `vocab_from` (else `train`, else `calib`)
-    before the mapping (mbconvert.vocab); the output holds the pruned tokenizer.
+    before the mapping (mbconvert.vocab); the output holds the pruned tokenizer. `unlabelled`: texts without labels
+    (a .txt file, a data file or a list) that recovery distils on beside `train` (mbconvert.data.read_texts).
     """
     config, run = config or ConvertConfig(), check_device(run or RunOptions())
     out = Path(out) if out is not None else default_output(source)
-    check_output_dir(out, sources=_paths(source, tokenizer, labels, calib, train, eval_data, vocab_from),
+    check_output_dir(out, sources=_paths(source, tokenizer, labels, calib, train, eval_data, vocab_from, unlabelled),
                      overwrite=overwrite)
+    if unlabelled is not None and train is None:
+        raise ConfigError("--unlabelled adds texts to the recovery's distillation: pass --train too")
     src = _load_source(source, config, tokenizer, labels)
     calib = calib if calib is not None else train
     if calib is not None and src.tokenizer is None:
@@ -221,6 +224,7 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
     calib_ex = train_ex if calib is train and train_ex is not None else (
         _examples(calib, src.config) if calib is not None else None)
     eval_ex = _examples(eval_data, src.config) if eval_data is not None else None  # bad dev data: before any write
+    extra = read_texts(unlabelled) if unlabelled is not None else None
     src, vocab_report = _prune(src, config, vocab_from, train_ex or calib_ex, eval_ex)
     key = _conversion_key(src, config, calib_ex)
     previous = _read_json(out / CONVERSION_FILE) if resume else None
@@ -239,7 +243,7 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
         _save_model(out, mobile, src.tokenizer, {CONVERSION_FILE: report})
     if train_ex is not None:
         report["recovery"] = _recover(mobile, src, out, report, train_ex, eval_ex, recovery or RecoveryConfig(),
-                                      run, resume, src.tokenizer)
+                                      run, resume, src.tokenizer, extra)
     return report
 
 
@@ -259,11 +263,17 @@ def _encode_for(model, examples: Examples, tokenizer, cfg: RecoveryConfig, run: 
 
 
 def _recover(mobile, src: SourceModel, out: Path, conversion: dict | None, train: Examples, eval_data,
-             cfg: RecoveryConfig, run: RunOptions, resume: bool, tokenizer) -> dict:
-    """Recover `mobile` in memory against the source, then write `out` whole (weights + recovery.json)."""
+             cfg: RecoveryConfig, run: RunOptions, resume: bool, tokenizer, unlabelled: Examples | None = None
+             ) -> dict:
+    """Recover `mobile` in memory against the source, then write `out` whole (weights + recovery.json).
+    `unlabelled`: texts appended to `train` without labels (distilled only)."""
     from .recovery import recover
     from .report import summary_line
 
+    rows = {"labelled": len(train) if train.labels is not None else 0,
+            "unlabelled": (len(train) if train.labels is None else 0) + (len(unlabelled) if unlabelled else 0)}
+    if unlabelled is not None:
+        train = with_unlabelled(train, unlabelled)
     train_enc = _encode_for(mobile, train, tokenizer, cfg, run)
     eval_enc = _encode_for(mobile, _examples(eval_data, mobile.config), tokenizer, cfg, run) \
         if eval_data is not None else None
@@ -276,7 +286,7 @@ def _recover(mobile, src: SourceModel, out: Path, conversion: dict | None, train
         raise ConfigError(f"{out} holds a recovery with other options, data or models; rerun without --resume")
     summary = recover(mobile, src.model, train_enc, cfg, eval_enc, out_dir=out, resume=resume,
                       head_map=head_map_from(conversion), run=run)
-    summary["weights"] = model_key(mobile)
+    summary["weights"], summary["training_rows"] = model_key(mobile), rows
     summary["activations"] = activation_peaks(mobile, eval_enc if eval_enc is not None else train_enc,
                                               max_rows=None if eval_enc is not None else 256)  # FP16 range
     print(summary_line(summary))
@@ -289,23 +299,26 @@ def _recover(mobile, src: SourceModel, out: Path, conversion: dict | None, train
 
 def recover_checkpoint(model_dir, source, train, eval_data=None, config: RecoveryConfig | None = None,
                        out=None, resume: bool = False, tokenizer=None, run: RunOptions | None = None,
-                       overwrite: bool = False) -> dict:
+                       overwrite: bool = False, unlabelled=None) -> dict:
     """`mbconvert recover`: a converted MobileBERT folder and its source model → recovered folder (default: the
-    model folder itself, rewritten whole). Returns the recovery summary."""
+    model folder itself, rewritten whole). `unlabelled`: texts without labels distilled beside `train`. Returns the
+    recovery summary."""
     cfg, run = config or RecoveryConfig(), check_device(run or RunOptions())
     model_dir = Path(model_dir)
     if not is_converted(model_dir):
         raise ConfigError(f"{model_dir} is not a converted MobileBERT folder (no MobileBERT config.json): recover "
                           "trains mbconvert's output; convert the source first")
     out = Path(out) if out is not None else model_dir
-    inputs = _paths(source, tokenizer, train, eval_data) + ([] if out == model_dir else [model_dir])
+    inputs = _paths(source, tokenizer, train, eval_data, unlabelled) + ([] if out == model_dir else [model_dir])
     check_output_dir(out, sources=inputs, overwrite=overwrite)  # in place: mbconvert's own folder, or --overwrite
     model, tok = load_classifier(model_dir, tokenizer=tokenizer)
     src = load_source(source, tokenizer=tokenizer, require_tokenizer=tok is None)
     tok = tok or src.tokenizer
     src = dataclasses.replace(src, model=same_vocab(model, tok, src.model, src.tokenizer, src.path))
     conversion = _read_json(model_dir / CONVERSION_FILE)
-    return _recover(model, src, out, conversion, _examples(train, model.config), eval_data, cfg, run, resume, tok)
+    extra = read_texts(unlabelled) if unlabelled is not None else None
+    return _recover(model, src, out, conversion, _examples(train, model.config), eval_data, cfg, run, resume, tok,
+                    extra)
 
 
 # ----------------------------------------------------------------------------------------------- check

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, optim
 from .cache import model_key
 from .config import RecoveryConfig, RunOptions
-from .data import Encoded, bucketed_batches
+from .data import UNLABELLED, Encoded, bucketed_batches
 from .errors import ConfigError, DataError, ShapeMismatchError, TrainingDivergedError
 from .recovery_plan import Progress, Stage, plan_stages
 from .similarity import predict_logits
@@ -384,7 +384,9 @@ def _check_data(data: Encoded, what: str, num_labels: int) -> None:
     if data is None or len(data) == 0:
         raise DataError(f"the {what} data has no rows")
     labels = data.labels
-    if labels is not None and not 0 <= int(labels.min()) <= int(labels.max()) < num_labels:
+    if what == "training" and labels is not None:  # rows added by --unlabelled carry UNLABELLED
+        labels = labels[labels != UNLABELLED]
+    if labels is not None and len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_labels:
         raise DataError(f"the {what} data has label ids outside 0..{num_labels - 1}")
 
 

@@ -31,14 +31,14 @@ class Comparison:
         return float((self.logits_a.argmax(-1) == self.logits_b.argmax(-1)).float().mean())
 
 
-def model_inputs(model, batch: dict) -> dict:
+def inputs_for(model, batch: dict) -> dict:
     """The batch's model inputs (no labels; no token types for a model without them, e.g. DistilBERT)."""
     skip = {"labels"} | ({"token_type_ids"} if getattr(model.config, "model_type", None) == "distilbert" else set())
     return {k: v for k, v in batch.items() if k not in skip}
 
 
 def _forward(model, batch, hidden: bool, attentions: bool):
-    return model(**model_inputs(model, batch), output_hidden_states=hidden, output_attentions=attentions)
+    return model(**inputs_for(model, batch), output_hidden_states=hidden, output_attentions=attentions)
 
 
 @torch.no_grad()

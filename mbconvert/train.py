@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import optim
 from .stats import classification_metrics
 from .data import Encoded
-from .similarity import model_inputs, predict_logits
+from .similarity import inputs_for, predict_logits
 
 log = logging.getLogger("mbconvert")
 
@@ -57,7 +57,7 @@ def train_classifier(model, train: Encoded, dev: Encoded | None = None, *, epoch
             batch = train.batch(idx)
             optim.set_lr(opt, step / total, warmup)
             with optim.autocast(next(model.parameters()).device, bf16):
-                logits = model(**model_inputs(model, batch)).logits.float()
+                logits = model(**inputs_for(model, batch)).logits.float()
             targets = teacher_logits[idx] if teacher_logits is not None else None
             loss = optim.distillation_loss(logits, targets, batch["labels"], alpha, temperature)
             optim.step(opt, loss)

@@ -16,7 +16,7 @@ import torch
 
 from . import losses, optim
 from .config import RecoveryConfig
-from .data import mix_tokens
+from .data import UNLABELLED, mix_tokens
 from .errors import ConfigError
 
 
@@ -166,5 +166,7 @@ class Transfer:
                 targets[mixed] = live
                 clean = ~mixed
         logits = self.student(**inputs).logits
-        return optim.distillation_loss(logits, targets, batch.get("labels"), cfg.alpha, cfg.temperature,
-                                       ce_rows=clean)
+        labels = batch.get("labels")
+        if labels is not None and (labels == UNLABELLED).any():  # --unlabelled rows: distilled, never in the CE
+            clean = (labels != UNLABELLED) if clean is None else clean & (labels != UNLABELLED)
+        return optim.distillation_loss(logits, targets, labels, cfg.alpha, cfg.temperature, ce_rows=clean)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import TEXT_KEYS, Examples, as_examples, read_examples
+from .data import Examples, as_examples
 from .errors import ConfigError, DataError, TokenizerError
 
 log = logging.getLogger("mbconvert")
@@ -35,26 +35,6 @@ BATCH = 1024  # texts per tokenizer call
 
 
 # ----------------------------------------------------------------------------------------------- texts
-def read_vocab_texts(data) -> Examples:
-    """The texts a vocabulary is built from: a .txt file (one text per line, unless its first line is a TSV header
-    naming a text column), a JSONL/CSV/TSV data file (its text columns; labels ignored), a list of texts, or any
-    data `as_examples` reads."""
-    if not isinstance(data, (str, os.PathLike)):
-        return as_examples(data)
-    path = Path(data)
-    if path.suffix.lower() == ".txt" and path.is_file():
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text") from None
-        if not (lines and set(lines[0].split("\t")) & set(TEXT_KEYS)):
-            texts = [line for line in lines if line.strip()]
-            if not texts:
-                raise DataError(f"{path}: the text file is empty")
-            return Examples(texts, None, None)
-    return read_examples(path, texts_only=True)
-
-
 def _texts(texts) -> tuple[list[str], list[str] | None]:
     if isinstance(texts, Examples):
         return texts.texts, texts.text_pairs
