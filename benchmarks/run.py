@@ -47,6 +47,14 @@ SUITES = {
                # steps); task stage alone, no mixing: dev 0.67 after 250 steps (NOTES.md)
                "random_init": {"lr": 5e-4, "layerwise_share": 0.0, "mix_rows": 0.0},
                "title": "AG News (English, 4 classes): fine-tuned all-MiniLM-L6-v2 student (6 layers, hidden 384)"},
+    # issue 21: a DistilBERT-shaped student (no token types, ReLU pre-classifier head) of the seed's size, trained
+    # from scratch for one epoch (no pretrained Chinese DistilBERT is reachable here)
+    "distilbert": {"data": SHARED / "toutiao", "student": ROOT / "checkpoints" / "toutiao-distilbert",
+                   "train": [sys.executable, "examples/train_student.py", "--data", "../shared/data/toutiao",
+                             "--arch", "distilbert", "--out", "checkpoints/toutiao-distilbert", "--epochs", "1",
+                             "--lr", "5e-4", "--bf16"],
+                   "title": "Chinese news headlines (Toutiao, 15 classes): 4-layer hidden-512 8-head DistilBERT "
+                            "student"},
 }
 # quick mode distils on the first 8,000 training rows (the splits are shuffled): the student's logits on all
 # 27.8k Toutiao rows alone take ~3.5 minutes of a 10-minute run
@@ -328,6 +336,9 @@ def rebuild_index() -> None:
     for suite in SUITES:
         for f in sorted(RESULTS.glob(f"{suite}-*.md")):
             parts.append(f.read_text(encoding="utf-8").replace("](", "](results/"))
+    from sections import marked_copies  # benchmarks/sections.py: vocab.py's, unlabelled.py's, numerics.py's
+
+    parts += marked_copies(RESULTS)
     notes = ROOT / "benchmarks" / "NOTES.md"
     if notes.is_file():
         parts.append(notes.read_text(encoding="utf-8"))

@@ -18,15 +18,13 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .data import Examples, as_examples
-from .errors import ConfigError, DataError, TokenizerError
+from .data import Examples
+from .errors import ConfigError, TokenizerError
 
 log = logging.getLogger("mbconvert")
 
