@@ -76,7 +76,13 @@ def _field(cls, name: str, p: argparse.ArgumentParser, flag: str | None = None, 
         p.add_argument(flag, dest=name, action="store_true", help=f.metadata.get("help"), **kw)
         return
     choices = f.metadata.get("choices")
+    kind = _int_list if kind is tuple else kind  # a tuple of ints: a comma list on the command line
     p.add_argument(flag, dest=name, type=kind, default=default, choices=choices, help=f.metadata.get("help"), **kw)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """'16,32,64' → (16, 32, 64); argparse turns the ValueError of a non-integer into a one-line error."""
+    return tuple(int(t) for t in text.split(",") if t.strip())
 
 
 def _config(cls, a: argparse.Namespace, **overrides):
@@ -180,7 +186,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--data", help="texts for parity, accuracy and static INT8 calibration")
         _source_args(p)
         p.add_argument("-o", "--output", help="default: MODEL/export (or <file>-export beside a checkpoint file)")
-        for name in ("seq_len", "int8_static", "coreml_precision", "coreml_quantize", "fp16_safe", "fp16_margin"):
+        for name in ("seq_len", "int8_static", "coreml_precision", "coreml_quantize", "fp16_safe", "fp16_margin",
+                     "precision", "tolerance", "coreml_shapes", "coreml_lengths"):
             _field(ExportConfig, name, p)
     elif command == "prune-vocab":
         p.add_argument("source", help="the source model (any format mbconvert loads), with its tokenizer")

@@ -222,7 +222,8 @@ class ExportConfig(_Config):
     int8_static: bool = option(False, "static INT8 calibrated on --data instead of dynamic weight quantisation")
     coreml_precision: str = option("fp16", "Core ML compute precision", choices=("fp16", "fp32"))
     coreml_quantize: bool = option(False, "8-bit Core ML weights (coremltools.optimize)")
-    tolerance: float = option(1.0, "INT8 accuracy loss (points) that triggers a warning")
+    tolerance: float = option(1.0, "INT8 accuracy loss (points) that triggers a warning; with --precision mixed, "
+                                   "the accuracy guard's budget")
     parity_atol: float = option(1e-4, "allowed max |logit difference| between ONNX FP32 and PyTorch")
     max_samples: int = option(512, "rows of --data used for parity, accuracy and static INT8 calibration")
     threads: int = option(2, "onnxruntime intra-op threads for the checks and latency (phone-like)")
@@ -232,6 +233,18 @@ class ExportConfig(_Config):
                                     "activations fit FP16 (mbconvert.fp16): auto (when the FP16 headroom on the "
                                     "export's rows is below --fp16-margin), on or off", choices=("auto", "on", "off"))
     fp16_margin: float = option(16.0, "FP16 headroom (65504 / peak |activation|) that --fp16-safe keeps")
+    precision: str = option("default", "default, or mixed (the seeds' plan, mbconvert.mixed_precision): FFN and "
+                                       "embedding weights INT8, attention FP32 (model.mixed.onnx) / FP16 (Core ML), "
+                                       "with an accuracy guard on --data that keeps the most sensitive layers at "
+                                       "full precision until the loss is within --tolerance",
+                            choices=("default", "mixed"))
+    coreml_shapes: str = option("range", "Core ML sequence length: range (1..max_seq_len) or enumerated "
+                                         "(--coreml-lengths only; the Neural Engine runs enumerated shapes, range "
+                                         "shapes tend to keep a model off it; needs iOS 18 / macOS 15)",
+                                choices=("range", "enumerated"))
+    coreml_lengths: tuple[int, ...] = option((16, 32, 64, 128), "with --coreml-shapes enumerated: the sequence "
+                                                                "lengths, each capped at max_seq_len and the model's "
+                                                                "positions")
 
     def __post_init__(self):
         if self.formats is not None:  # None: resolved by mbconvert.export.resolve_formats
@@ -253,6 +266,19 @@ class ExportConfig(_Config):
         _number("latency_repeats", self.latency_repeats, 1, integer=True)
         _choice("fp16_safe", self.fp16_safe, ("auto", "on", "off"))
         _number("fp16_margin", self.fp16_margin, 1)
+        _choice("precision", self.precision, ("default", "mixed"))
+        _check(not (self.precision == "mixed" and self.coreml_quantize),
+               "--coreml-quantize makes every Core ML weight 8-bit, --precision mixed only the FFN and embedding "
+               "weights: give one of them")
+        _check(not (self.precision == "mixed" and self.coreml_precision == "fp32"),
+               "--precision mixed computes Core ML attention in FP16: drop --coreml-precision fp32")
+        _choice("coreml_shapes", self.coreml_shapes, ("range", "enumerated"))
+        self.coreml_lengths = tuple(self.coreml_lengths)
+        _check(bool(self.coreml_lengths), "coreml_lengths needs at least one sequence length")
+        for n in self.coreml_lengths:
+            _number("coreml_lengths entry", n, 1, integer=True)
+        _check(not (self.coreml_shapes == "enumerated" and self.seq_len),
+               "--seq-len fixes one Core ML shape: drop it or --coreml-shapes enumerated")
 
 
 EXPORT_FORMATS = ("onnx", "onnx-int8", "coreml")

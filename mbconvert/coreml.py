@@ -9,6 +9,7 @@ coremltools is optional and imported inside the functions that need it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import platform
 import warnings
@@ -71,9 +72,41 @@ class _WithProbabilities(nn.Module):
         return logits, torch.softmax(logits, dim=-1)
 
 
+def sequence_lengths(config: ExportConfig, max_positions: int) -> list[int]:
+    """--coreml-shapes enumerated: the lengths, each capped at max_seq_len and the model's positions, sorted."""
+    cap = min(config.max_seq_len, max_positions)
+    return sorted({min(n, cap) for n in config.coreml_lengths})
+
+
+def sequence_shape(config: ExportConfig, inputs: Inputs, max_positions: int):
+    """The inputs' shape: (1, seq_len) when fixed; else ct.EnumeratedShapes of (1, n) for each enumerated length
+    (the default: the shortest that holds the export's rows), else (1, RangeDim(1, max))."""
+    import coremltools as ct
+
+    max_len = min(config.max_seq_len, max_positions)
+    if config.seq_len:
+        return (1, config.seq_len)
+    if config.coreml_shapes == "enumerated":
+        lengths = sequence_lengths(config, max_positions)
+        default = next((n for n in lengths if n >= inputs.seq_len), lengths[-1])
+        return ct.EnumeratedShapes(shapes=[(1, n) for n in lengths], default=(1, default))
+    return (1, ct.RangeDim(1, max_len, default=min(inputs.seq_len, max_len)))
+
+
+def deployment_target(config: ExportConfig):
+    """iOS 18 for enumerated shapes (an ML Program with several enumerated inputs needs it), iOS 16 for 8-bit
+    weights (constexpr ops), else iOS 15."""
+    import coremltools as ct
+
+    if config.coreml_shapes == "enumerated" and not config.seq_len:
+        return ct.target.iOS18
+    return ct.target.iOS16 if config.coreml_quantize or config.precision == "mixed" else ct.target.iOS15
+
+
 def _convert(traced, inputs: Inputs, config: ExportConfig, use_fp16: bool, max_positions: int, labels: list[str]):
-    """A classifier ML Program: int32 inputs of batch 1 and a flexible (range) or fixed sequence length; outputs
-    classLabel, classLabel_probs (name → probability) and logits.
+    """A classifier ML Program: int32 inputs of batch 1 and a fixed, flexible (range) or enumerated sequence length
+    (one shape object shared by the three inputs: one length); outputs classLabel, classLabel_probs
+    (name → probability) and logits.
 
     Two steps because coremltools 9.0's ClassifierConfig cannot both keep `logits` and pick the probabilities by
     name in one ct.convert: given output names, its exporter indexes past them once classify replaces one
@@ -82,12 +115,10 @@ def _convert(traced, inputs: Inputs, config: ExportConfig, use_fp16: bool, max_p
     """
     import coremltools as ct
 
-    max_len = min(config.max_seq_len, max_positions)
-    seq = config.seq_len or ct.RangeDim(1, max_len, default=min(inputs.seq_len, max_len))
-    target = ct.target.iOS16 if config.coreml_quantize else ct.target.iOS15
+    shape, target = sequence_shape(config, inputs, max_positions), deployment_target(config)
     program = ct.convert(
         traced, convert_to="milinternal",
-        inputs=[ct.TensorType(name=name, shape=(1, seq), dtype=np.int32) for name in INPUT_NAMES],
+        inputs=[ct.TensorType(name=name, shape=shape, dtype=np.int32) for name in INPUT_NAMES],
         outputs=[ct.TensorType(name="logits"), ct.TensorType(name="probabilities")],
         compute_precision=ct.precision.FLOAT16 if use_fp16 else ct.precision.FLOAT32, minimum_deployment_target=target)
     program.functions["main"].set_output_types(None)
@@ -108,6 +139,22 @@ def describe(mlmodel, model: nn.Module, labels: list[str]) -> None:
     mlmodel.output_description["classLabel_probs"] = "class name → probability (softmax of the logits)"
     mlmodel.output_description["logits"] = "raw scores by class id (config.json id2label)"
     mlmodel.user_defined_metadata["id2label"] = json.dumps(id2label(model), ensure_ascii=False)
+
+
+def describe_shapes(mlmodel, config: ExportConfig, max_positions: int) -> str:
+    """Say in the spec which sequence lengths the inputs take (metadata `sequence_lengths` and each input's
+    description): "fixed: 32", "range: 1-512" or "enumerated: 16,32,64,128". Returns that text."""
+    if config.seq_len:
+        text = f"fixed: {config.seq_len}"
+    elif config.coreml_shapes == "enumerated":
+        text = "enumerated: " + ",".join(map(str, sequence_lengths(config, max_positions)))
+    else:
+        text = f"range: 1-{min(config.max_seq_len, max_positions)}"
+    mlmodel.user_defined_metadata["sequence_lengths"] = text
+    for name in INPUT_NAMES:
+        mlmodel.input_description[name] += f"; sequence length {text}" + (
+            " (pad to the next)" if text.startswith("enumerated") else "")
+    return text
 
 
 def export_coreml(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig,
@@ -139,9 +186,17 @@ def export_coreml(model: nn.Module, path: Path, inputs: Inputs, config: ExportCo
 
             mlmodel = linear_quantize_weights(mlmodel, OptimizationConfig(
                 global_config=OpLinearQuantizerConfig(mode="linear_symmetric")))
+        if config.precision == "mixed":
+            from .mixed_precision import coreml_mixed
+
+            mlmodel, report["mixed"], warning = coreml_mixed(mlmodel, model, inputs, config)
+            if warning:
+                report["warning"] = "; ".join(filter(None, (report.get("warning"), f"mixed precision: {warning}")))
     describe(mlmodel, model, labels)
+    shapes = describe_shapes(mlmodel, config, model.config.max_position_embeddings)
     mlmodel.save(str(path))
-    report.update(precision="fp16" if use_fp16 else "fp32", weights_8bit=config.coreml_quantize)
+    report.update(precision="fp16" if use_fp16 else "fp32", weights_8bit=config.coreml_quantize,
+                  sequence_lengths=shapes)  # weights_8bit: all of them; --precision mixed: see report["mixed"]
     return report
 
 
@@ -155,7 +210,9 @@ def inspect_coreml(path: Path) -> dict:
     def feature(f) -> dict:
         arr = f.type.multiArrayType
         ranges = [[r.lowerBound, r.upperBound] for r in arr.shapeRange.sizeRanges]
-        return {"name": f.name, "type": f.type.WhichOneof("Type"), "shape": list(arr.shape), "ranges": ranges or None}
+        enumerated = [list(s.shape) for s in arr.enumeratedShapes.shapes]
+        return {"name": f.name, "type": f.type.WhichOneof("Type"), "shape": list(arr.shape), "ranges": ranges or None,
+                **({"enumerated": enumerated} if enumerated else {})}
 
     blocks = spec.mlProgram.functions["main"].block_specializations.values()
     weights = path / "Data" / "com.apple.CoreML" / "weights"
@@ -166,6 +223,21 @@ def inspect_coreml(path: Path) -> dict:
             "mil_ops": sum(len(b.operations) for b in blocks),
             "weights_mb": size_mb(weights) if weights.exists() else 0.0,
             "spec_version": spec.specificationVersion}
+
+
+def padded(inputs: Inputs, width: int) -> Inputs:
+    """The rows padded with zeros (attention mask 0: the same logits) to `width` tokens, an enumerated length."""
+    pad = [(0, 0), (0, width - inputs.seq_len)]
+    return dataclasses.replace(inputs, **{name: np.pad(getattr(inputs, name), pad) for name in INPUT_NAMES})
+
+
+def prediction_inputs(inputs: Inputs, config: ExportConfig, max_positions: int) -> Inputs | None:
+    """The rows as the package takes them: padded to the shortest enumerated length that holds them (None: they are
+    longer than every enumerated length), else as they are."""
+    if config.coreml_shapes != "enumerated" or config.seq_len:
+        return inputs
+    width = next((n for n in sequence_lengths(config, max_positions) if n >= inputs.seq_len), None)
+    return None if width is None else padded(inputs, width)
 
 
 def coreml_logits(path: Path, inputs: Inputs) -> np.ndarray:
@@ -183,10 +255,15 @@ def export_coreml_format(model, tmp: Path, inputs: Inputs, reference: np.ndarray
     path = tmp / "model.mlpackage"
     report = export_coreml(model, path, inputs, config, activations)
     report.update(file=path.name, size_mb=size_mb(path), spec=inspect_coreml(path))
-    if platform.system() == "Darwin":
-        exact = report["precision"] == "fp32" and not config.coreml_quantize
+    feeds = prediction_inputs(inputs, config, model.config.max_position_embeddings)
+    if platform.system() == "Darwin" and feeds is not None:
+        exact = report["precision"] == "fp32" and not config.coreml_quantize and config.precision != "mixed"
         atol = config.parity_atol if exact else 1e-2 * float(np.abs(reference).max())  # FP16/8-bit: 1% of range
-        report["parity"] = compare(reference, coreml_logits(path, inputs), atol)
+        report["parity"] = compare(reference, coreml_logits(path, feeds), atol)
+    elif platform.system() == "Darwin":
+        report["parity"] = None
+        report["note"] = (f"the rows ({inputs.seq_len} tokens) are longer than every enumerated length "
+                          f"({report['sequence_lengths']}): prediction parity was not measured")
     else:
         report["parity"] = None
         report["note"] = (f"Core ML predictions need macOS (this is {platform.system()}): the package was "

@@ -390,6 +390,10 @@ def export_model(model, folder: Path, config: ExportConfig | None = None, data: 
               "activations": activations, "fp16_safe": safe, "artifacts": {}}
     if {"onnx", "onnx-int8"} & set(config.formats):
         report["artifacts"].update(export_onnx_formats(model, folder, inputs, reference, config))
+        if config.precision == "mixed":  # model.mixed.onnx from model.onnx (mbconvert.mixed_precision)
+            from .mixed_precision import export_onnx_mixed
+
+            report["artifacts"]["onnx-mixed"] = export_onnx_mixed(model, folder, inputs, config)
     if "coreml" in config.formats:
         from .coreml import export_coreml_format  # imports this module: loaded only when needed
 
