@@ -36,17 +36,40 @@ def set_lr(optimizer: torch.optim.Optimizer, progress: float, warmup: float) -> 
 
 
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor | None,
-                      alpha: float, temperature: float, ce_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      alpha: float, temperature: float, ce_rows: torch.Tensor | None = None,
+                      rows: slice | None = None) -> torch.Tensor:
     """alpha·T²·KL(teacher ‖ model) + (1 − alpha)·CE(labels): KL alone without labels (or when `ce_rows`, the rows
-    whose labels hold, selects none), CE alone without a teacher."""
+    whose labels hold, selects none), CE alone without a teacher.
+
+    `rows` (several processes, with a teacher): `logits` are the model's on these rows of the batch only, while
+    `teacher_logits`, `labels` and `ce_rows` cover the whole batch; the result is their share of the batch's loss (the
+    KL weighted by their share of the rows, the CE by their share of the CE rows), so that the shares of all
+    processes add up to the loss of the whole batch."""
     if teacher_logits is None:
         return F.cross_entropy(logits.float(), labels)
+    if rows is not None:
+        return _distillation_share(logits, teacher_logits, labels, alpha, temperature, ce_rows, rows)
     kd = kd_logits(logits, teacher_logits, temperature)
     if labels is None or (ce_rows is not None and not ce_rows.any()):
         return kd
     if ce_rows is not None:
         logits, labels = logits[ce_rows], labels[ce_rows]
     return alpha * kd + (1 - alpha) * F.cross_entropy(logits.float(), labels)
+
+
+def _distillation_share(logits, teacher_logits, labels, alpha, temperature, ce_rows, rows: slice) -> torch.Tensor:
+    n = len(teacher_logits)
+    kd = kd_logits(logits, teacher_logits[rows], temperature) * (len(logits) / n)
+    if ce_rows is None and labels is not None:
+        ce_rows = torch.ones(n, dtype=torch.bool, device=labels.device)
+    if labels is None or not ce_rows.any():
+        return kd
+    mine = ce_rows[rows]
+    loss = alpha * kd
+    if mine.any():
+        share = float(mine.sum()) / float(ce_rows.sum())
+        loss = loss + (1 - alpha) * F.cross_entropy(logits[mine].float(), labels[rows][mine]) * share
+    return loss
 
 
 def autocast(device: torch.device | str, bf16: bool):

@@ -19,6 +19,12 @@ model, optimiser, RNG and progress, so a run stopped (Ctrl-C finishes the step a
 resumed ends with exactly the weights of an uninterrupted run when the length is given in steps or epochs.
 A time budget (`budget_s`) cannot be reproduced exactly: it depends on the machine's speed.
 
+Several processes (`torchrun`, `accelerate launch`; mbconvert.distributed): the same run as DDP. Every process builds
+the same global batch and trains on its share of the rows, the source's logits and the dev evaluation are computed
+in shares and gathered, and every decision (stop, checkpoint, a time budget's clock) is taken together; the main
+process writes the checkpoint. The weights are one process's to float tolerance, but for dropout: each process draws
+its own masks (seeded by step and process, so a resume still replays them).
+
 This module is the loop; the plan and the run's position (Stage, plan_stages, Progress) are in
 mbconvert.recovery_plan, and what a step computes and trains (losses, layer taps, optimisers) in mbconvert.transfer.
 """
@@ -37,7 +43,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, optim
+from . import checkpoint, distributed, optim
 from .cache import model_key
 from .config import RecoveryConfig, RunOptions
 from .data import UNLABELLED, Encoded, bucketed_batches
@@ -60,33 +66,37 @@ def _logits(model, data: Encoded, device, batch_size: int, desc: str = "") -> to
 
 
 def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=None, desc: str = "",
-                   keys: tuple[str, str] | None = None) -> torch.Tensor:
+                   keys: tuple[str, str] | None = None, group: distributed.Group = distributed.SINGLE) -> torch.Tensor:
     """The teacher's logits on every row, computed once per (teacher, dataset) and kept in the cache (outside the
     output folder): a resume or a second recovery on the same data reuses them. `keys`: the (teacher, data) content
-    keys when the caller has them already (hashing a large model twice costs seconds)."""
-    from .cache import cached, model_key
+    keys when the caller has them already (hashing a large model twice costs seconds). `group`: several processes
+    compute a share of the rows each and gather them."""
+    from .cache import model_key
     from .checkpoint import data_key
 
     def compute():
-        return {"logits": _logits(teacher, data, device, batch_size, desc)}
+        return {"logits": group.map_rows(data, lambda part: _logits(teacher, part, device, batch_size,
+                                                                    desc if group.main else ""))}
 
     teacher_key, rows_key = keys or (model_key(teacher), data_key(data))
     key = f"{teacher_key}-{rows_key}"
-    return cached(cache_dir, "teacher-logits", key, compute)["logits"].to(device)
+    return distributed.cached(group, cache_dir, "teacher-logits", key, compute)["logits"].to(device)
 
 
 @contextlib.contextmanager
-def _deferred_interrupt():
-    """Ctrl-C sets a flag instead of raising mid-step, so the loop can checkpoint a consistent state."""
+def _deferred_interrupt(signals=(signal.SIGINT,)):
+    """Ctrl-C (and any of `signals`) sets a flag instead of raising mid-step, so the loop can checkpoint a consistent
+    state."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
     hits = []
-    previous = signal.signal(signal.SIGINT, lambda *_: hits.append(1))
+    previous = {s: signal.signal(s, lambda *_: hits.append(1)) for s in signals}
     try:
         yield lambda: bool(hits)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # -------------------------------------------------------------------- the run
@@ -98,6 +108,8 @@ class Recovery:
         self.cfg, self.run_options = cfg, run
         self.cache_dir = run.cache_dir
         self.device = torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.group = distributed.process_group()  # several processes under torchrun / accelerate launch
+        self.device = self.group.local(self.device)
         self.keys = {"teacher": model_key(teacher), "train": checkpoint.data_key(train),
                      "eval": checkpoint.data_key(eval_data)}  # content keys, hashed once per run
         self.fingerprint = checkpoint.fingerprint(cfg.to_dict(), self.keys["teacher"], model_key(student),
@@ -117,11 +129,22 @@ class Recovery:
         self.teacher_eval_logits: torch.Tensor | None = None
         self._order_key, self._order = None, None
         self._clock = self._last_checkpoint = time.monotonic()
+        self._agreed_elapsed: float | None = None  # several processes: the clock they agreed on at the last step
 
     # ---------------------------------------------------------------- setup
     @property
     def elapsed(self) -> float:
+        if self._agreed_elapsed is not None:  # several processes take every time-based decision together
+            return self._agreed_elapsed
         return self.p.elapsed_s + time.monotonic() - self._clock
+
+    def _agree(self, stop: bool, due: bool) -> tuple[bool, bool]:
+        """Several processes: stop or checkpoint when any of them says so, and take the slowest one's clock."""
+        if self.group.size == 1:
+            return stop, due
+        self._agreed_elapsed = None
+        stop, due, self._agreed_elapsed = self.group.max(float(stop), float(due), self.elapsed)
+        return bool(stop), bool(due)
 
     def _batch(self, stage_index: int, stage_step: int) -> tuple[torch.Tensor, dict]:
         """The rows of a step: a seeded, length-bucketed shuffle per (stage, epoch), so any step can be replayed."""
@@ -140,13 +163,14 @@ class Recovery:
         """Dev accuracy (agreement with the teacher when the dev data has no labels)."""
         if self.eval_data is None:
             return None
-        pred = _logits(self.student, self.eval_data, self.device, 2 * self.cfg.batch_size).argmax(-1)
+        pred = self.group.map_rows(self.eval_data, lambda part: _logits(self.student, part, self.device,
+                                                                        2 * self.cfg.batch_size)).argmax(-1)
         return float((pred == self._eval_reference()).float().mean())
 
     def _teacher_eval_logits(self) -> torch.Tensor:
         """Cached like the training logits: a resume or a second recovery on the same dev data reuses them."""
         return teacher_logits(self.teacher, self.eval_data, self.device, 2 * self.cfg.batch_size, self.cache_dir,
-                              keys=(self.keys["teacher"], self.keys["eval"]))
+                              keys=(self.keys["teacher"], self.keys["eval"]), group=self.group)
 
     def _eval_reference(self) -> torch.Tensor:
         if self.eval_data.labels is not None:
@@ -202,27 +226,39 @@ class Recovery:
                                      1.0 - self.cfg.ema_decay)
 
     # ---------------------------------------------------------------- steps
-    def _train_step(self, index: int, stage: Stage, optimizer, taps) -> float:
+    def _train_step(self, index: int, stage: Stage, optimizer, taps, ddp=None) -> float:
+        """One step; `ddp` (several processes): the DDP-wrapped student, and this process runs its share of the
+        batch's rows, its loss being that share of the batch's loss."""
         optim.set_lr(optimizer, stage.fraction_done(self.p.stage_step, self.elapsed), self.cfg.warmup_ratio)
         idx, batch = self._batch(index, self.p.stage_step)
-        with optim.autocast(self.device, self.cfg.bf16):
+        rows = self.group.rows(len(idx)) if ddp is not None else None
+        if ddp is not None:  # dropout: a stream of its own for each process and step, so a resume replays it
+            torch.manual_seed((self.cfg.seed * 1_000_003 + self.p.step) * 1_009 + self.group.rank)
+
+        def loss_fn():
             if stage.layer is None:
-                loss = self.transfer.task_loss(batch, self.teacher_logits[idx.to(self.device)], self.p.step)
-            else:
-                loss = self.transfer.layer_loss(stage.layer, batch, taps)
-        if not torch.isfinite(loss):
+                return self.transfer.task_loss(batch, self.teacher_logits[idx.to(self.device)], self.p.step, rows)
+            return self.transfer.layer_loss(stage.layer, batch, taps, rows)
+
+        with optim.autocast(self.device, self.cfg.bf16):
+            loss = loss_fn() if ddp is None else ddp(loss_fn)
+        total = self.group.sum(loss.detach())  # the whole batch's loss (the sum of the shares)
+        if not torch.isfinite(total):
             raise TrainingDivergedError(
-                f"recovery diverged: the {stage.kind} loss is {float(loss.detach())} at step {self.p.step + 1} "
+                f"recovery diverged: the {stage.kind} loss is {float(total)} at step {self.p.step + 1} "
                 f"(learning rate {self.cfg.lr if stage.layer is None else self.cfg.layerwise_lr:g}, temperature "
                 f"{self.cfg.temperature:g}); nothing was saved — lower the learning rate")
-        optim.step(optimizer, loss)
+        optim.step(optimizer, loss if ddp is None else loss * self.group.size)  # DDP averages the gradients
         if stage.layer is None:
             self._update_ema()
-        return float(loss.detach())
+        return float(total)
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self, optimizer) -> None:
         if self.out_dir is None:
+            return
+        if not self.group.main:  # the main process writes; the others wait until it has
+            self.group.barrier()
             return
         progress = dataclasses.asdict(self.p) | {"elapsed_s": self.elapsed}
         state = {"fingerprint": self.fingerprint, "model": self.student.state_dict(),
@@ -232,11 +268,15 @@ class Recovery:
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         checkpoint.save_state(self.out_dir, state)
+        self.group.barrier()
         self._last_checkpoint = time.monotonic()
 
     def _load(self) -> dict | None:
         """Restore a checkpoint; returns the optimiser state of the stage it stopped in."""
         state = checkpoint.load_state(self.out_dir, self.fingerprint)
+        if all(self.group.max(float(state is None), float(state is not None))):
+            raise ConfigError(f"--resume: some processes cannot read {self.out_dir / checkpoint.STATE_FILE}; every "
+                              "process must see the output folder (a shared file system)")
         if state is None:
             log.info("no %s to resume from: starting recovery from the beginning", checkpoint.STATE_FILE)
             return None
@@ -258,17 +298,21 @@ class Recovery:
         # the teacher's logits are computed before the clock starts: a time budget is spent on training only
         self.teacher_logits = teacher_logits(self.teacher, self.train, self.device, 2 * self.cfg.batch_size,
                                              self.cache_dir, desc="source logits (training data)",
-                                             keys=(self.keys["teacher"], self.keys["train"]))
+                                             keys=(self.keys["teacher"], self.keys["train"]), group=self.group)
         if self.eval_data is not None:
             self.teacher_eval_logits = self._teacher_eval_logits()
         self._clock = time.monotonic()
+        if self.group.size > 1:
+            self._agreed_elapsed = self.p.elapsed_s
         if optimizer_state is None:
             self._start()
         self.student.train()
         self._last_checkpoint = time.monotonic()
         bar, kind = None, None
         try:
-            with _deferred_interrupt() as interrupted:
+            # several processes: a launcher stops its workers with SIGTERM (torchrun on Ctrl-C): checkpoint first
+            signals = (signal.SIGINT,) if self.group.size == 1 else (signal.SIGINT, signal.SIGTERM)
+            with _deferred_interrupt(signals) as interrupted:
                 for index in range(self.p.stage, len(self.stages)):
                     if self.p.early_stopped:
                         break
@@ -291,7 +335,7 @@ class Recovery:
         done = sum(s.steps for s in self.stages[:index] if s.kind == stage.kind) if total else 0
         current = self.p.stage_step if index == self.p.stage else 0  # steps already done in this stage (a resume)
         return tqdm(total=total, initial=done + current, desc=f"recovery: {stage.kind}", unit="step",
-                    disable=not self.run_options.progress, dynamic_ncols=True, leave=True)
+                    disable=not self.run_options.progress or not self.group.main, dynamic_ncols=True, leave=True)
 
     def _run_stage(self, index: int, stage: Stage, optimizer_state, bar, interrupted) -> None:
         if index != self.p.stage:
@@ -304,16 +348,19 @@ class Recovery:
             self.ema = [p.detach().clone() for p in self.student.parameters()]
         for p in frozen:
             p.requires_grad_(False)
+        ddp = self.group.wrap(self.student, self.projections, self.device)  # after freezing: DDP syncs what trains
         try:
             if stage.layer is None and self.p.stage_step == 0:
                 self._record_evaluation()  # after the layer-wise stage
             while not stage.over(self.p.stage_step, self.elapsed) and not self.p.early_stopped:
                 started = time.monotonic()
-                loss = self._train_step(index, stage, optimizer, taps)
+                loss = self._train_step(index, stage, optimizer, taps, ddp)
                 self._after_step(stage, loss, time.monotonic() - started, bar)
                 stop_after = self.run_options.stop_after_steps
                 stop = interrupted() or (stop_after is not None and self.p.step >= stop_after)
-                if stop or time.monotonic() - self._last_checkpoint >= self.run_options.checkpoint_every_s:
+                stop, due = self._agree(stop, time.monotonic() - self._last_checkpoint >=
+                                        self.run_options.checkpoint_every_s)
+                if stop or due:
                     self._save(optimizer)
                 if stop:
                     raise KeyboardInterrupt
@@ -355,8 +402,10 @@ class Recovery:
         if bad:
             raise TrainingDivergedError(f"recovery produced non-finite weights ({bad[0]}{' …' if len(bad) > 1 else ''}); "
                                         "nothing was saved — lower the learning rate")
+        self._agree(False, False)  # several processes: the clock of the summary
         summary = self._summary()
-        checkpoint.remove_state(self.out_dir)  # the caller saves the weights with recovery.json
+        if self.group.main:
+            checkpoint.remove_state(self.out_dir)  # the caller saves the weights with recovery.json
         if summary.get("warning"):
             log.warning("warning: %s", summary["warning"])
         return summary
@@ -373,7 +422,7 @@ class Recovery:
                        for kind, curve in p.losses.items()},
             "accuracy_curve": p.accuracy_curve, "train_rows": len(self.train),
             "eval_rows": len(self.eval_data) if self.eval_data is not None else 0, "config": self.cfg.to_dict(),
-            "fingerprint": self.fingerprint,
+            "fingerprint": self.fingerprint, **({"processes": self.group.size} if self.group.size > 1 else {}),
             **({"warning": f"recovery trained only {p.step} steps: the model is barely changed from the mapping; "
                            "give more --steps (or a longer --budget)"} if p.step < FEW_STEPS else {}),
         }

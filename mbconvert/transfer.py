@@ -133,8 +133,16 @@ class Transfer:
         return (LayerTap(layers(self.student)[layer], what),
                 LayerTap(layers(self.teacher)[self.teacher_layer(layer)], what))
 
-    def layer_loss(self, layer: int, batch: dict, taps: tuple[LayerTap, LayerTap]) -> torch.Tensor:
-        """Feature-map MSE + attention transfer at one layer; both models stop at that layer."""
+    def layer_loss(self, layer: int, batch: dict, taps: tuple[LayerTap, LayerTap],
+                   rows: slice | None = None) -> torch.Tensor:
+        """Feature-map MSE + attention transfer at one layer; both models stop at that layer. `rows` (several
+        processes): only these rows of the batch, their loss weighted by their share of its real tokens (both losses
+        average over real tokens), so that the processes' shares add up to the whole batch's loss."""
+        share = None
+        if rows is not None:
+            tokens = batch["attention_mask"].sum(1)
+            share = float(tokens[rows].sum()) / float(tokens.sum())  # 0 for an empty share
+            batch = {k: v[_run(rows)] for k, v in batch.items()}
         inputs, mask = model_inputs(batch), batch["attention_mask"]
         with torch.no_grad(), first_layers(self.teacher, self.teacher_layer(layer) + 1):
             t_hidden = self.teacher.base_model(**inputs).last_hidden_state
@@ -148,25 +156,45 @@ class Transfer:
             loss = loss + self.cfg.attention_weight * self.attention_loss(
                 student_tap.value(), teacher_tap.value(), mask, relation_heads=self.cfg.relation_heads,
                 head_map=head_map)
-        return loss
+        return loss if share is None else loss * share
 
-    def task_loss(self, batch: dict, targets: torch.Tensor, step: int) -> torch.Tensor:
+    def task_loss(self, batch: dict, targets: torch.Tensor, step: int, rows: slice | None = None) -> torch.Tensor:
         """alpha·KD + (1−alpha)·CE against `targets` (the batch rows' cached teacher logits); KD alone without
         labels. With mix_rows, some rows are token-mixed (mix_tokens, seeded by `step`) and distilled from the
-        teacher's live logits, without CE."""
+        teacher's live logits, without CE. `rows` (several processes): the student runs only these rows of the
+        batch, and the loss is their share of the whole batch's (optim.distillation_loss)."""
         cfg, inputs, clean = self.cfg, model_inputs(batch), None
-        rows = round(cfg.mix_rows * len(targets))
-        if rows:
+        n_mixed = round(cfg.mix_rows * len(targets))
+        if n_mixed:  # on the whole batch: every process mixes the same rows the same way
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
-            inputs, mixed = mix_tokens(inputs, rows, cfg.mix_tokens, generator)
+            inputs, mixed = mix_tokens(inputs, n_mixed, cfg.mix_tokens, generator)
             if mixed.any():
-                with torch.no_grad():
-                    live = self.teacher(**{k: v[mixed] for k, v in inputs.items()}).logits.float()
-                targets = targets.clone()
-                targets[mixed] = live
+                live_rows = mixed if rows is None else mixed & _mask(rows, len(mixed), mixed.device)
+                if live_rows.any():  # the teacher labels the mixed rows this process runs
+                    with torch.no_grad():
+                        live = self.teacher(**{k: v[live_rows] for k, v in inputs.items()}).logits.float()
+                    targets = targets.clone()
+                    targets[live_rows] = live
                 clean = ~mixed
-        logits = self.student(**inputs).logits
         labels = batch.get("labels")
         if labels is not None and (labels == UNLABELLED).any():  # --unlabelled rows: distilled, never in the CE
             clean = (labels != UNLABELLED) if clean is None else clean & (labels != UNLABELLED)
-        return optim.distillation_loss(logits, targets, labels, cfg.alpha, cfg.temperature, ce_rows=clean)
+        if rows is None:
+            logits = self.student(**inputs).logits
+            return optim.distillation_loss(logits, targets, labels, cfg.alpha, cfg.temperature, ce_rows=clean)
+        logits = self.student(**{k: v[_run(rows)] for k, v in inputs.items()}).logits
+        loss = optim.distillation_loss(logits, targets, labels, cfg.alpha, cfg.temperature, ce_rows=clean,
+                                       rows=_run(rows))
+        return loss if rows.stop > rows.start else loss * 0
+
+
+def _run(rows: slice) -> slice:
+    """The rows a process runs: its share, or the batch's first row (weighted 0) when its share is empty, since DDP
+    needs every process in every step."""
+    return rows if rows.stop > rows.start else slice(0, 1)
+
+
+def _mask(rows: slice, n: int, device) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[rows] = True
+    return mask
