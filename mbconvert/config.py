@@ -281,7 +281,7 @@ class ExportConfig(_Config):
                "--seq-len fixes one Core ML shape: drop it or --coreml-shapes enumerated")
 
 
-EXPORT_FORMATS = ("onnx", "onnx-int8", "coreml")
+EXPORT_FORMATS = ("onnx", "onnx-int8", "onnx-text", "coreml", "executorch", "executorch-int8", "litert", "litert-int8")
 
 
 @dataclass

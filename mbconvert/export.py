@@ -1,13 +1,15 @@
 """Stage 5 — export: ONNX (FP32 and INT8) and Core ML artifacts, each checked against the PyTorch model.
-This module holds the shared parts and ONNX; Core ML is in mbconvert.coreml.
+This module holds the shared parts and ONNX; Core ML is in mbconvert.coreml, ExecuTorch and LiteRT in
+mbconvert.mobile_runtimes.
 
 Every format is exported from `LogitsWrapper`, a thin module `(input_ids, attention_mask, token_type_ids) ->
 logits` that calls the model's own submodules but builds the 4-D additive attention mask itself:
 transformers' mask utilities (`create_bidirectional_mask`) trace into ops such as `new_ones` that
 coremltools cannot convert, and data-dependent branches that the ONNX tracer would freeze.
 
-onnx, onnxruntime and coremltools are optional (`pip install 'mbconvert[export]'`); they are imported
-inside the functions that need them so that the rest of mbconvert works without them.
+onnx, onnxruntime and coremltools are optional (`pip install 'mbconvert[export]'`), and so are executorch
+(`mbconvert[executorch]`) and litert-torch (`mbconvert[litert]`); they are imported inside the functions that need
+them so that the rest of mbconvert works without them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from . import __version__
 from .config import EXPORT_FORMATS, ExportConfig
 from .data import Encoded
 from .environment import versions
-from .errors import ConfigError, MissingDependencyError
+from .errors import ConfigError, MissingDependencyError, TokenizerError
 from .numerics import activation_peaks
 
 log = logging.getLogger("mbconvert")
@@ -39,8 +41,17 @@ SCHEMA_VERSION = 1
 FORMATS = EXPORT_FORMATS
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 SYNTHETIC_BATCH, SYNTHETIC_LEN = 8, 128
-NEEDS = {"onnx": ("onnx", "onnxruntime"), "onnx-int8": ("onnx", "onnxruntime"), "coreml": ("coremltools",)}
-BACKENDS = ("onnx", "onnxruntime", "coremltools")  # their versions go into export.json
+NEEDS = {"onnx": ("onnx", "onnxruntime"), "onnx-int8": ("onnx", "onnxruntime"),
+         "onnx-text": ("onnx", "onnxruntime", "onnxruntime_extensions"), "coreml": ("coremltools",),
+         "executorch": ("executorch",), "executorch-int8": ("executorch",),
+         "litert": ("litert_torch", "ai_edge_litert"),
+         "litert-int8": ("litert_torch", "ai_edge_litert", "ai_edge_quantizer")}
+# pip install 'mbconvert[X]'
+EXTRAS = {"onnx": "export", "onnx-int8": "export", "onnx-text": "export", "coreml": "export",
+          "executorch": "executorch", "executorch-int8": "executorch", "litert": "litert", "litert-int8": "litert"}
+# their versions go into export.json
+BACKENDS = ("onnx", "onnxruntime", "onnxruntime_extensions", "coremltools", "executorch", "litert_torch",
+            "ai_edge_litert", "ai_edge_quantizer")
 
 
 class LogitsWrapper(nn.Module):
@@ -98,14 +109,14 @@ class Inputs:
         return Encoded(*(torch.from_numpy(getattr(self, name)) for name in INPUT_NAMES), None)
 
 
-def require(*modules: str) -> None:
+def require(*modules: str, extra: str = "export") -> None:
     """Import optional modules now, so a missing extra fails before any work, with the fix in the message."""
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError:
             raise MissingDependencyError(f"{name} is not installed; export needs the optional extra: "
-                                         "pip install 'mbconvert[export]'") from None
+                                         f"pip install 'mbconvert[{extra}]'") from None
 
 
 def sample_inputs(model, data: Encoded | None, config: ExportConfig, source: str | None = None) -> Inputs:
@@ -280,12 +291,14 @@ def render_summary(report: dict) -> str:
     """The terminal summary of an export report."""
     lines = [f"exported {report['source']} → {report.get('out_dir', '')}"]
     for fmt, a in report["artifacts"].items():
-        parity = a.get("parity") or a.get("vs_fp32")
+        parity = a.get("parity") or a.get("vs_fp32") or a.get("vs_onnx")
         text = f"  {a['file']:<18} {a['size_mb']:8.2f} MB"
         if parity:
             text += f"  max|Δ| {parity['max_abs_diff']:.2e}  argmax {parity['argmax_agreement']:.1%}"
         if a.get("latency"):
             text += "  " + "  ".join(f"{k.replace('_ms', '')} {v:.1f} ms" for k, v in a["latency"].items())
+        if fmt == "onnx-text":
+            text += f"  token ids differ on {a['token_parity']['differing']}/{a['token_parity']['texts']} texts"
         if fmt == "coreml":
             text += f"  {a['precision']}, {a['spec']['mil_ops']} MIL ops"
             text += "" if a["parity"] else ", no prediction here"
@@ -295,9 +308,12 @@ def render_summary(report: dict) -> str:
 
 def require_formats(formats) -> None:
     """Fail before any work when a requested format's backend is not installed."""
-    logging.getLogger("coremltools").setLevel(logging.ERROR)  # import-time "torch untested" noise; conversion works
+    # import-time noise of working backends: coremltools' "torch untested"; torchao (pulled in by executorch) failing to
+    # load CUDA-only kernels on a CPU build, and its enum registrations that torch's pytree calls deprecated
+    for name in ("coremltools", "torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     for fmt in formats:
-        require(*NEEDS[fmt])
+        require(*NEEDS[fmt], extra=EXTRAS[fmt])
 
 
 def _installed(fmt: str) -> bool:
@@ -316,12 +332,32 @@ def resolve_formats(config: ExportConfig) -> ExportConfig:
         return config
     available = tuple(fmt for fmt in FORMATS if _installed(fmt))
     if not available:
-        raise MissingDependencyError(f"no export backend is installed ({', '.join(BACKENDS)}): "
-                                     "pip install 'mbconvert[export]'")
-    skipped = [f"{fmt} (needs {' and '.join(NEEDS[fmt])})" for fmt in FORMATS if fmt not in available]
+        extras = ", ".join(f"'mbconvert[{extra}]'" for extra in dict.fromkeys(EXTRAS.values()))
+        raise MissingDependencyError(f"no export backend is installed ({', '.join(BACKENDS)}): pip install {extras}")
+    skipped = [fmt for fmt in FORMATS if fmt not in available]
     if skipped:
-        log.warning("export: skipped %s: pip install 'mbconvert[export]' installs them", ", ".join(skipped))
+        by_extra = {extra: [f"{fmt} (needs {' and '.join(NEEDS[fmt])})" for fmt in skipped if EXTRAS[fmt] == extra]
+                    for extra in dict.fromkeys(EXTRAS[fmt] for fmt in skipped)}
+        log.warning("export: skipped %s", "; ".join(f"{', '.join(fmts)}: pip install 'mbconvert[{extra}]' installs "
+                                                     f"{'it' if len(fmts) == 1 else 'them'}"
+                                                     for extra, fmts in by_extra.items()))
     return dataclasses.replace(config, formats=available)
+
+
+def text_format(config: ExportConfig, tokenizer, explicit: bool) -> ExportConfig:
+    """onnx-text needs a BERT WordPiece tokenizer: without one it is an error when asked for (`explicit`), else it
+    is skipped with a warning."""
+    if "onnx-text" not in config.formats:
+        return config
+    from .text_onnx import unsupported
+
+    reason = unsupported(tokenizer)
+    if reason is None:
+        return config
+    if explicit:
+        raise TokenizerError(f"onnx-text: {reason}")
+    log.warning("export: skipped onnx-text: %s", reason)
+    return dataclasses.replace(config, formats=tuple(f for f in config.formats if f != "onnx-text"))
 
 
 def id2label(model) -> dict[str, str]:
@@ -370,12 +406,14 @@ def fp16_safe(model, inputs: Inputs, activations: dict, config: ExportConfig) ->
 
 
 def export_model(model, folder: Path, config: ExportConfig | None = None, data: Encoded | None = None,
-           source: str = "", data_source: str | None = None) -> dict:
+           source: str = "", data_source: str | None = None, tokenizer=None, texts=None) -> dict:
     """Write every format in `config.formats` (None: every installed one) and config.json into `folder` (an empty
     working folder: the pipeline makes it and moves it into place) and check each against PyTorch on `data`
     (tokenised; synthetic rows without). With `config.fp16_safe` the artifacts come from a copy rescaled to fit FP16
-    (`fp16_safe`), still checked against the model as given. Returns export.json's content."""
-    config = resolve_formats(config or ExportConfig())
+    (`fp16_safe`), still checked against the model as given. onnx-text (the string-in model) needs `tokenizer`, and
+    checks its parity on `texts` (the rows of `data` as text). Returns export.json's content."""
+    explicit = config is not None and config.formats is not None
+    config = text_format(resolve_formats(config or ExportConfig()), tokenizer, explicit)
     model.eval()
     inputs = sample_inputs(model, data, config, data_source)
     reference = torch_logits(model, inputs)
@@ -388,17 +426,26 @@ def export_model(model, folder: Path, config: ExportConfig | None = None, data: 
               "inputs": {"source": inputs.source, "rows": len(inputs.input_ids), "seq_len": inputs.seq_len,
                          "labelled": inputs.labels is not None, "pytorch_accuracy": accuracy(reference, inputs.labels)},
               "activations": activations, "fp16_safe": safe, "artifacts": {}}
-    if {"onnx", "onnx-int8"} & set(config.formats):
+    if {"onnx", "onnx-int8", "onnx-text"} & set(config.formats):
         report["artifacts"].update(export_onnx_formats(model, folder, inputs, reference, config))
         if config.precision == "mixed":  # model.mixed.onnx from model.onnx (mbconvert.mixed_precision)
             from .mixed_precision import export_onnx_mixed
 
             report["artifacts"]["onnx-mixed"] = export_onnx_mixed(model, folder, inputs, config)
+    if "onnx-text" in config.formats:  # model.text.onnx from model.onnx (mbconvert.text_onnx)
+        from .text_onnx import export_text_format  # imports this module: loaded only when needed
+
+        report["artifacts"]["onnx-text"] = export_text_format(model, folder / "model.onnx", folder, tokenizer,
+                                                              texts, inputs, config)
     if "coreml" in config.formats:
         from .coreml import export_coreml_format  # imports this module: loaded only when needed
 
         report["artifacts"]["coreml"] = export_coreml_format(model, folder, inputs, reference, config,
                                                              None if safe["rescaled"] else activations)
+    if {"executorch", "executorch-int8", "litert", "litert-int8"} & set(config.formats):
+        from .mobile_runtimes import export_mobile_formats  # imports this module: loaded only when needed
+
+        report["artifacts"].update(export_mobile_formats(model, folder, inputs, reference, config))
     write_app_config(model, folder)
     report["warnings"] = [f"{fmt}: {a['warning']}" for fmt, a in {"fp16-safe": safe, **report["artifacts"]}.items()
                           if a.get("warning")]

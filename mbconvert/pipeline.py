@@ -27,6 +27,7 @@ from .canonical import as_bert, head_activation
 from .checkpoint import data_key, fingerprint, same_run
 from .config import CheckConfig, ConvertConfig, ExportConfig, RecoveryConfig, RunOptions
 from .data import Encoded, Examples, as_examples, encode, label_maps, read_texts, with_unlabelled
+from .distributed import process_group
 from .errors import ConfigError, TokenizerError
 from .family_mapping import describe
 from .fileio import atomic_dir, check_output_dir, write_json
@@ -69,9 +70,14 @@ def _examples(data, model_config, require_labels: bool = False) -> Examples:
 
 def _save_model(out: Path, model, tokenizer, files: dict) -> None:
     """The model folder, written whole: weights, tokenizer, JSON reports and the model card. The caller checked the
-    output folder (check_output_dir) before any work, so what is there now is this run's own."""
+    output folder (check_output_dir) before any work, so what is there now is this run's own. Under several
+    processes (torchrun, accelerate launch) the main one writes it and the others wait."""
     from .report import model_card
 
+    group = process_group()
+    if not group.main:
+        group.barrier()
+        return
     with atomic_dir(out, kind="model", overwrite=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         _save_tokenizer(tokenizer, tmp)
@@ -81,6 +87,7 @@ def _save_model(out: Path, model, tokenizer, files: dict) -> None:
                                                   tokenizer is not None),
                                        encoding="utf-8")
     log.info("wrote %s", out)
+    group.barrier()
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:
@@ -289,7 +296,8 @@ def _recover(mobile, src: SourceModel, out: Path, conversion: dict | None, train
     summary["weights"], summary["training_rows"] = model_key(mobile), rows
     summary["activations"] = activation_peaks(mobile, eval_enc if eval_enc is not None else train_enc,
                                               max_rows=None if eval_enc is not None else 256)  # FP16 range
-    print(summary_line(summary))
+    if process_group().main:
+        print(summary_line(summary))
     files = {RECOVERY_FILE: summary}
     if conversion is not None:
         files[CONVERSION_FILE] = conversion
@@ -355,8 +363,9 @@ def export_checkpoint(model, config: ExportConfig | None = None, data=None, out=
     """`mbconvert export`: a converted folder or any source checkpoint → out (default MODEL/export, or
     `<file>-export` beside a checkpoint file), written whole with config.json and the tokenizer files, so that an
     app (or transformers/onnxruntime) needs nothing else. Returns export.json's content."""
-    from .export import export_model, resolve_formats
+    from .export import export_model, resolve_formats, text_format
 
+    explicit = config is not None and config.formats is not None
     config = resolve_formats(config or ExportConfig())  # None: every installed format; fails before any work
     if config.int8_static and data is None and "onnx-int8" in config.formats:
         raise ConfigError("static INT8 needs calibration text: pass --data")
@@ -373,7 +382,8 @@ def export_checkpoint(model, config: ExportConfig | None = None, data=None, out=
     if config.seq_len and not config.seq_len <= loaded.config.max_position_embeddings:
         raise ConfigError(f"--seq-len {config.seq_len} is outside 1..{loaded.config.max_position_embeddings} "
                           "(the model's position embeddings)")
-    encoded = None
+    config = text_format(config, tok, explicit)  # the string-in ONNX model needs a BERT WordPiece tokenizer
+    encoded = texts = None
     if data is not None:
         from .load import check_tokenizer
 
@@ -383,6 +393,7 @@ def export_checkpoint(model, config: ExportConfig | None = None, data=None, out=
         label2id, n = label_maps(loaded.config)
         examples = as_examples(data, label2id=label2id, num_labels=n, limit=config.max_samples)
         encoded = encode(examples, tok, max_length=config.seq_len, cap=loaded.config.max_position_embeddings)
+        texts = examples.texts if examples.text_pairs is None else None  # the string-in model reads one text
     inputs = _paths(data, tokenizer)
     if _is_path(model):  # MODEL/export may sit inside the model folder: protect the model's own files
         path = Path(model)
@@ -390,7 +401,8 @@ def export_checkpoint(model, config: ExportConfig | None = None, data=None, out=
     check_output_dir(out, sources=inputs, overwrite=False)
     with atomic_dir(out, kind="export") as tmp:
         report = export_model(loaded.eval(), tmp, config, encoded, source=source,
-                        data_source=str(data) if _is_path(data) else ("<memory>" if data is not None else None))
+                        data_source=str(data) if _is_path(data) else ("<memory>" if data is not None else None),
+                        tokenizer=tok, texts=texts)
         report["out_dir"] = str(out)
         _save_tokenizer(tok, tmp)  # with config.json (export_model): the folder loads like a Hugging Face folder
         if tok is None:

@@ -325,7 +325,8 @@ def test_default_formats_are_those_whose_backend_is_installed(mobilebert_dir, tm
     from mbconvert.cli import main
 
     assert ExportConfig().formats is None, "no --format: every available format"
-    monkeypatch.setitem(sys.modules, "coremltools", None)  # as if coremltools were not installed
+    for name in ("coremltools", "executorch", "litert_torch", "onnxruntime_extensions"):  # as if not installed
+        monkeypatch.setitem(sys.modules, name, None)
     out = tmp_path / "cli"
     with caplog.at_level(logging.INFO, logger="mbconvert"):
         assert main(["export", str(mobilebert_dir), "--seq-len", "16", "-o", str(out)]) == 0
@@ -339,7 +340,7 @@ def test_default_formats_are_those_whose_backend_is_installed(mobilebert_dir, tm
 def test_no_backend_installed_is_a_missing_dependency(mobilebert_dir, tmp_path, monkeypatch, capsys):
     from mbconvert.cli import main
 
-    for name in ("onnx", "onnxruntime", "coremltools"):
+    for name in ("onnx", "onnxruntime", "coremltools", "executorch", "litert_torch"):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(MissingDependencyError, match=r"mbconvert\[export\]"):
         export_checkpoint(str(mobilebert_dir), ExportConfig(), out=tmp_path / "api")
