@@ -16,10 +16,11 @@ from mbconvert.cli import COMMANDS, build_parser, main
 # ------------------------------------------------------------------------------------------ what each option gets
 BAD_NUMBERS = {float: ["nan", "inf", "-1e9"], int: ["-7"]}
 # options with neither a numeric type nor choices: the values that are out of range for them
-UNTYPED = {"--budget": ["nan", "-5m"], "--device": ["bogus"], "--format": ["bogus", ","]}
+UNTYPED = {"--budget": ["nan", "-5m"], "--device": ["bogus"], "--format": ["bogus", ","],
+           "--coreml-lengths": ["0,16", "16,abc"]}
 # input paths: a file that does not exist is their out-of-range value
 INPUT_PATHS = {"--tokenizer", "--labels", "--calib", "--train", "--eval", "--data", "--source", "--against",
-               "--baseline", "--vocab-from"}
+               "--baseline", "--vocab-from", "--unlabelled"}
 # options with no out-of-range value of their own, and why
 NOT_IN_MATRIX = {
     "--output": "an output folder: the bad ones (a file, under a file, the input, a foreign folder) have own rows",
