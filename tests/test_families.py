@@ -189,3 +189,19 @@ def test_prune_vocab_of_a_source_that_is_not_a_bert_folder_is_refused(trained, t
                                   "-o", tmp_path / "p"]])
     assert code == 2 and not (tmp_path / "p").exists()
     assert "--prune-vocab" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["distilbert", "electra"])
+def test_check_and_export_read_the_family_source(family, trained, tmp_path):
+    """Downstream stages load the source through the same canonical model: the check compares against it and its
+    own ONNX export matches it (the ReLU/GELU head and the factorised embedding included)."""
+    out = tmp_path / "out"
+    assert main([str(a) for a in [trained[family], "--bottleneck", "32", "--calib", trained["train"], "-o", out]]) == 0
+    code = main([str(a) for a in ["check", out, "--against", trained[family], "--data", trained["dev"], "--report",
+                                  tmp_path / "report", "--repeats", "1", "--threads", "1"]])
+    report = json.loads((tmp_path / "report" / "report.json").read_text(encoding="utf-8"))
+    assert code in (0, 1) and report["accuracy"]["source"] > 0.8
+    assert main([str(a) for a in ["export", trained[family], "--format", "onnx", "--data", trained["dev"], "-o",
+                                  tmp_path / "export"]]) == 0
+    exported = json.loads((tmp_path / "export" / "export.json").read_text(encoding="utf-8"))
+    assert exported["artifacts"]["onnx"]["parity"]["passed"]
