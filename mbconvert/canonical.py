@@ -8,8 +8,8 @@ variations that other families' functions need and a name map cannot express.
   pooler's dense layer, DistilBERT ReLU (its ``pre_classifier``), ELECTRA GELU (``classifier.dense``).
 
 Everything else (post-LN layers of self-attention and a GELU FFN) is BERT's layer in every family, so the
-converter, the recovery loop and the checks read one model class. With neither variation the model is built
-exactly as BertForSequenceClassification(config) (same parameters, same random draws).
+converter, the recovery loop and the checks read one model interface. With neither variation the canonical model
+is a plain BertForSequenceClassification (`canonical_class`), so BERT-family sources are what they always were.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ class SourceClassifier(BertForSequenceClassification):
             self.bert.pooler.activation = ACT2FN[act]
 
 
+def canonical_class(config) -> type[BertForSequenceClassification]:
+    """SourceClassifier when the config needs a variation, else BertForSequenceClassification itself."""
+    return SourceClassifier if is_factorised(config) or head_activation(config) != "tanh" else BertForSequenceClassification
+
+
 def is_factorised(config) -> bool:
     return getattr(config, "embedding_size", None) is not None
 
@@ -63,6 +68,8 @@ def as_bert(model: SourceClassifier) -> BertForSequenceClassification:
     it); a factorised embedding or a non-tanh head has no BERT equivalent."""
     from .errors import UnknownArchitectureError
 
+    if type(model) is BertForSequenceClassification:
+        return model
     if is_factorised(model.config) or head_activation(model.config) != "tanh":
         raise UnknownArchitectureError("this source (factorised embedding or a non-tanh head: ELECTRA, ALBERT, "
                                        "DistilBERT) cannot be written as a BERT folder; pruning its vocabulary "

@@ -5,9 +5,10 @@ file, a Hugging Face model folder (config.json + weights + tokenizer), UER-py na
 transformers model (`source_from_model`), of the families in mbconvert.adapters (BERT, RoBERTa, UER-py,
 DistilBERT, ELECTRA, ALBERT). A file's type is read from its bytes, not its name. Everything is renamed to
 Hugging Face BertForSequenceClassification's keys, the architecture is inferred from tensor shapes, config.json is
-checked against them, every shape is asserted, and the canonical classifier (mbconvert.canonical.SourceClassifier:
-BERT's, with a factorised embedding or another head activation where the family has one) is built. Nothing is unpickled beyond weights_only=True, and declared tensor
-sizes are checked against the file before anything is materialised (mbconvert.safeload.safe_torch_load).
+checked against them, every shape is asserted, and the canonical classifier is built: BertForSequenceClassification,
+or mbconvert.canonical.SourceClassifier where the family has a factorised embedding or another head activation.
+Nothing is unpickled beyond weights_only=True, and declared tensor sizes are checked against the file before
+anything is materialised (mbconvert.safeload.safe_torch_load).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import BertConfig
+from transformers import BertConfig, BertForSequenceClassification
 
 from . import adapters
-from .canonical import SourceClassifier
+from .canonical import canonical_class
 from .errors import (CorruptFileError, NonFiniteWeightsError, ShapeMismatchError, TokenizerError,
                      UnknownArchitectureError)
 from .safeload import safe_torch_load, weights_format
@@ -44,7 +45,7 @@ MAX_ROWS = {"word_embeddings": 2**20, "position_embeddings": 2**17, "token_type_
 class SourceModel:
     """A loaded source model: the canonical BERT classifier plus what was learned while loading it."""
 
-    model: SourceClassifier
+    model: BertForSequenceClassification  # or its mbconvert.canonical.SourceClassifier subclass
     tokenizer: object | None
     family: str
     has_head: bool
@@ -188,12 +189,13 @@ def check_tensors(sd: dict, expected: dict[str, tuple], where: str, optional=())
 
 
 def build_model(sd: dict[str, torch.Tensor], config: BertConfig, seed: int = 0, where: str = "the weights"
-                ) -> tuple[SourceClassifier, bool]:
+                ) -> tuple[BertForSequenceClassification, bool]:
     """Assert every shape, check the values, load. The head is optional. Returns (model, has_head)."""
-    expected = expected_shapes(SourceClassifier, config)
+    model_class = canonical_class(config)
+    expected = expected_shapes(model_class, config)
     check_tensors(sd, expected, where, optional=HEAD_KEYS)
     torch.manual_seed(seed)
-    model = SourceClassifier(config)
+    model = model_class(config)
     model.load_state_dict({k: v.float() for k, v in sd.items() if k in expected}, strict=False)
     return model.eval(), "classifier.weight" in sd
 
