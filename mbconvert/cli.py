@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("mbconvert").setLevel(logging.INFO)  # our progress; other libraries' INFO stays quiet
+    for noisy in ("torchao", "torch.utils._pytree"):  # with the executorch extra: import-time warnings about
+        logging.getLogger(noisy).setLevel(logging.ERROR)  # CUDA-only kernels and deprecated enum registrations
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the one-line messages
