@@ -14,19 +14,16 @@ section `<!-- exports:<suite> -->` of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shlex
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
-from sections import write_section  # noqa: E402
+from sections import run_and_publish  # noqa: E402
 
 FORMATS = ("onnx", "onnx-int8", "onnx-text", "executorch", "executorch-int8", "litert", "litert-int8", "coreml")
 LABELS = {"onnx": "ONNX FP32", "onnx-int8": "ONNX INT8 (dynamic, per-channel)",
@@ -96,18 +93,7 @@ def main() -> None:
     p.add_argument("--work", type=Path)
     p.add_argument("--results", type=Path, default=bench.ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args()
-    command = shlex.join(["python", "benchmarks/exports.py", *sys.argv[1:]])
-    start = time.time()
-    results = run(args)
-    results["wall_s"], results["command"] = time.time() - start, command
-    folder = args.results.parent / "results"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"exports-{args.suite}.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
-    body = render(results, command)
-    (folder / f"exports-{args.suite}.md").write_text(body, encoding="utf-8")
-    write_section(args.results, "exports", args.suite, body)
-    print(body)
-
+    run_and_publish("benchmarks/exports.py", args, "exports", args.suite, run, render)
 
 if __name__ == "__main__":
     main()

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
-import shlex
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -32,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
-from sections import write_section  # noqa: E402
+from sections import run_and_publish  # noqa: E402
 
 FORCED_MARGIN = 65504 / 8
 
@@ -129,18 +126,7 @@ def main() -> None:
     p.add_argument("--work", type=Path)
     p.add_argument("--results", type=Path, default=bench.ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args()
-    command = shlex.join(["python", "benchmarks/numerics.py", *sys.argv[1:]])
-    start = time.time()
-    results = run(args)
-    results["wall_s"], results["command"] = time.time() - start, command
-    folder = args.results.parent / "results"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"numerics-{args.suite}.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
-    body = render(results, command)
-    (folder / f"numerics-{args.suite}.md").write_text(body, encoding="utf-8")
-    write_section(args.results, "numerics", args.suite, body)
-    print(body)
-
+    run_and_publish("benchmarks/numerics.py", args, "numerics", args.suite, run, render)
 
 if __name__ == "__main__":
     main()

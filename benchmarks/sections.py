@@ -46,3 +46,24 @@ def marked_copies(results: Path) -> list[str]:
     """Every results/KIND-SUITE.md of the kinds above, marked, for RESULTS.md's rebuild."""
     return [marked(kind, f.stem.removeprefix(f"{kind}-"), f.read_text(encoding="utf-8"))
             for kind in KINDS for f in sorted(results.glob(f"{kind}-*.md"))]
+
+
+def run_and_publish(script: str, args, kind: str, suite: str, run, render) -> None:
+    """The benchmark scripts' main: `run(args)` timed, then results/KIND-SUITE.json and .md beside `args.results`, the
+    marked section in `args.results`, and the section printed. `script`: its path, for the command shown."""
+    import json
+    import shlex
+    import sys
+    import time
+
+    command = shlex.join(["python", script, *sys.argv[1:]])
+    start = time.time()
+    results = run(args)
+    results["wall_s"], results["command"] = time.time() - start, command
+    folder = args.results.parent / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{kind}-{suite}.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    body = render(results, command)
+    (folder / f"{kind}-{suite}.md").write_text(body, encoding="utf-8")
+    write_section(args.results, kind, suite, body)
+    print(body)

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  the suites (students, data, recovery settings)
-from sections import write_section  # noqa: E402
+from sections import run_and_publish  # noqa: E402
 
 
 def accuracy(model_dir, test: Path) -> float:
@@ -114,18 +113,7 @@ def main() -> None:
     p.add_argument("--work", type=Path)
     p.add_argument("--results", type=Path, default=bench.ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args()
-    command = shlex.join(["python", "benchmarks/unlabelled.py", *sys.argv[1:]])
-    start = time.time()
-    results = run(args)
-    results["wall_s"], results["command"] = time.time() - start, command
-    folder = args.results.parent / "results"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "unlabelled-toutiao.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-    body = render(results, command)
-    (folder / "unlabelled-toutiao.md").write_text(body, encoding="utf-8")
-    write_section(args.results, "unlabelled", "toutiao", body)
-    print(body)
-
+    run_and_publish("benchmarks/unlabelled.py", args, "unlabelled", "toutiao", run, render)
 
 if __name__ == "__main__":
     main()
