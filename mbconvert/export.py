@@ -193,21 +193,31 @@ def onnx_logits(path: str | Path, inputs: Inputs, threads: int = 2) -> np.ndarra
     return np.concatenate([session.run(["logits"], feeds)[0] for feeds in inputs.chunks()])
 
 
-def onnx_latency(path: str | Path, batch: int, seq_len: int, threads: int = 2, warmup: int = 3,
-                 repeats: int = 20) -> float:
-    """Median milliseconds of one onnxruntime call on a full (unpadded) batch of token ids 1..97 (valid in
-    any vocabulary; ids do not change the cost). Reusable by benchmarks for any of the exported files."""
-    session = onnx_session(path, threads)
+def latency_feeds(batch: int, seq_len: int) -> dict[str, np.ndarray]:
+    """A full (unpadded) batch of token ids 1..97 (valid in any vocabulary; ids do not change the cost)."""
     ids = (np.arange(batch * seq_len, dtype=np.int64).reshape(batch, seq_len) % 97) + 1
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+def median_ms(call, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of `call()` over `repeats` timed runs after `warmup` untimed ones (every runtime's
+    latency in export.json is measured this way)."""
     for _ in range(warmup):
-        session.run(["logits"], feeds)
+        call()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
-        session.run(["logits"], feeds)
-        times.append(time.perf_counter() - t)
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
     return round(statistics.median(times) * 1000, 3)
+
+
+def onnx_latency(path: str | Path, batch: int, seq_len: int, threads: int = 2, warmup: int = 3,
+                 repeats: int = 20) -> float:
+    """Median milliseconds of one onnxruntime call on latency_feeds(batch, seq_len). Reusable by benchmarks for
+    any of the exported files."""
+    session, feeds = onnx_session(path, threads), latency_feeds(batch, seq_len)
+    return median_ms(lambda: session.run(["logits"], feeds), repeats, warmup)
 
 
 def quantize_onnx(fp32: Path, out: Path, inputs: Inputs, static: bool) -> None:

@@ -22,22 +22,19 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import statistics
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .export import INPUT_NAMES, Inputs, LogitsWrapper, accuracy, compare, size_mb
+from .export import INPUT_NAMES, Inputs, LogitsWrapper, accuracy, compare, latency_feeds, median_ms, size_mb
 
 MOBILE_FORMATS = ("executorch", "executorch-int8", "litert", "litert-int8")
 FILES = {"executorch": "model.pte", "executorch-int8": "model.int8.pte", "litert": "model.tflite",
          "litert-int8": "model.int8.tflite"}
 MIN_DYNAMIC_SEQ = 3  # MobileBERT's trigram embedding slices [:, 1:]: torch.export guards the length against 2
 MAX_BATCH = 1024
-WARMUP = 3
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -55,23 +52,6 @@ def example_args(inputs: Inputs, rows: int = 2) -> tuple[torch.Tensor, ...]:
     if len(inputs.input_ids) < rows:
         feeds = {k: np.repeat(v[:1], rows, axis=0) for k, v in feeds.items()}
     return tuple(as_args(feeds))
-
-
-def latency_feeds(batch: int, seq_len: int) -> dict[str, np.ndarray]:
-    """A full (unpadded) batch of token ids 1..97, as mbconvert.export.onnx_latency times."""
-    ids = (np.arange(batch * seq_len, dtype=np.int64).reshape(batch, seq_len) % 97) + 1
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-
-
-def median_ms(call, repeats: int, warmup: int = WARMUP) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) * 1000, 3)
 
 
 def checked(fmt: str, path: Path, logits: np.ndarray, reference: np.ndarray, inputs: Inputs, config) -> dict:

@@ -43,15 +43,13 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MissingDependencyError, TokenizerError
-from .export import accuracy, compare, id2label, onnx_session, size_mb
+from .export import accuracy, compare, id2label, median_ms, onnx_session, size_mb
 
 TEXT_FILE = "model.text.onnx"
 CUSTOM_DOMAIN = "ai.onnx.contrib"
@@ -500,14 +498,7 @@ def text_latency(sess, texts, batch: int = 1, warmup: int = 3, repeats: int = 20
     """Median milliseconds of one call on the first `batch` of `texts` (repeated when fewer)."""
     texts = list(texts)
     feeds = {"texts": _strings([texts[k % len(texts)] for k in range(batch)])}
-    for _ in range(warmup):
-        sess.run(["logits"], feeds)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(["logits"], feeds)
-        times.append(time.perf_counter() - t)
-    return round(statistics.median(times) * 1000, 3)
+    return median_ms(lambda: sess.run(["logits"], feeds), repeats, warmup)
 
 
 # ---------------------------------------------------------------------------------------------- in the export
