@@ -136,7 +136,7 @@ def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     g.add_argument("--keep-last", action="store_true",
                    help="keep the final weights, not the best dev point (small dev sets: the best point is noise)")
     _field(ConvertConfig if not standalone else RecoveryConfig, "seed", p)
-    for name in ("threads", "device", "cache_dir"):
+    for name in ("threads", "device", "cache_dir", "stream", "stream_threshold_mb"):
         _field(RunOptions, name, g)
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in the output folder (a "
                                                          "finished run is left as it is)")
@@ -187,7 +187,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _source_args(p)
         p.add_argument("-o", "--output", help="default: MODEL/export (or <file>-export beside a checkpoint file)")
         for name in ("seq_len", "int8_static", "coreml_precision", "coreml_quantize", "fp16_safe", "fp16_margin",
-                     "precision", "tolerance", "coreml_shapes", "coreml_lengths"):
+                     "precision", "tolerance", "coreml_shapes", "coreml_lengths", "onnx_exporter", "coreml_source"):
             _field(ExportConfig, name, p)
     elif command == "prune-vocab":
         p.add_argument("source", help="the source model (any format mbconvert loads), with its tokenizer")

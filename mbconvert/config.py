@@ -170,11 +170,17 @@ class RunOptions(_Config):
     stop_after_steps: int | None = option(None, "checkpoint and stop as Ctrl-C would after this many steps (tests)")
     cache_dir: str | None = option(None, "cache for tokenised data and the source's logits (default: "
                                          "$MBCONVERT_CACHE, else ~/.cache/mbconvert; never the output folder)")
+    stream: str = option("auto", "read --train/--unlabelled through memory-mapped Arrow files in the cache instead "
+                                 "of memory (mbconvert.corpus; the same batches): on, off, or auto (when the files "
+                                 "together exceed --stream-threshold-mb)", choices=("auto", "on", "off"))
+    stream_threshold_mb: float = option(256.0, "with --stream auto: stream training data larger than this (MB)")
 
     def __post_init__(self):
         _number("threads", self.threads, 1, 4096, integer=True, optional=True)
         _number("checkpoint_every_s", self.checkpoint_every_s, 0, lo_open=True)
         _number("stop_after_steps", self.stop_after_steps, 1, integer=True, optional=True)
+        _choice("stream", self.stream, ("auto", "on", "off"))
+        _number("stream_threshold_mb", self.stream_threshold_mb, 0)
 
 
 @dataclass
@@ -218,7 +224,13 @@ class ExportConfig(_Config):
                                                    "installed)")
     seq_len: int | None = option(None, "fixed sequence length (default: dynamic ONNX axes / Core ML range shapes)")
     max_seq_len: int = option(512, "upper bound of Core ML's flexible sequence length")
-    opset: int = option(17, "ONNX opset")
+    opset: int = option(18, "ONNX opset (the dynamo exporter writes 18 or later; torchscript 13 to 20)")
+    onnx_exporter: str = option("dynamo", "how model.onnx is made: dynamo (torch.onnx.export from a torch.export "
+                                          "graph; falls back to torchscript, recorded in export.json, when it fails "
+                                          "or onnxscript is missing) or torchscript (the legacy tracer, deprecated "
+                                          "by PyTorch)", choices=("dynamo", "torchscript"))
+    coreml_source: str = option("export", "what Core ML converts: export (a torch.export ExportedProgram) or trace "
+                                          "(torch.jit.trace, deprecated by PyTorch)", choices=("export", "trace"))
     int8_static: bool = option(False, "static INT8 calibrated on --data instead of dynamic weight quantisation")
     coreml_precision: str = option("fp16", "Core ML compute precision", choices=("fp16", "fp32"))
     coreml_quantize: bool = option(False, "8-bit Core ML weights (coremltools.optimize)")
@@ -256,6 +268,13 @@ class ExportConfig(_Config):
         _number("seq_len", self.seq_len, 1, integer=True, optional=True)
         _number("max_seq_len", self.max_seq_len, 1, integer=True)
         _number("opset", self.opset, 13, 23, integer=True)
+        _choice("onnx_exporter", self.onnx_exporter, ("dynamo", "torchscript"))
+        _choice("coreml_source", self.coreml_source, ("export", "trace"))
+        if self.onnx_exporter == "dynamo":
+            _check(self.opset >= 18, f"the dynamo ONNX exporter writes opset 18 or later, not {self.opset}: raise "
+                                     "opset or use onnx_exporter torchscript")
+        else:
+            _check(self.opset <= 20, f"the torchscript ONNX exporter writes opset 20 at most, not {self.opset}")
         _choice("coreml_precision", self.coreml_precision, ("fp16", "fp32"))
         _number("tolerance", self.tolerance, 0, 100)
         _number("parity_atol", self.parity_atol, 0, lo_open=True)

@@ -196,10 +196,15 @@ class Encoded:
             out["labels"] = self.labels[idx]
         return out
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Real tokens per row (length bucketing, length order; mbconvert.corpus.Corpus has the same)."""
+        return self.attention_mask.sum(1)
+
     def length_order(self) -> torch.Tensor:
         """Row indices, shortest first: inference in this order pads least (AG News dev, MiniLM-shaped MobileBERT,
         batch 64: 5.8 → 2.8 s)."""
-        return torch.argsort(self.attention_mask.sum(1), stable=True)
+        return torch.argsort(self.lengths, stable=True)
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 order: torch.Tensor | None = None) -> Iterator[dict[str, torch.Tensor]]:

@@ -117,7 +117,9 @@ class _Trained(torch.nn.Module):
 
 
 def shard(data: Encoded, rows: slice) -> Encoded:
-    """`rows` of an encoded dataset."""
+    """`rows` of an encoded dataset (of a streamed mbconvert.corpus.Corpus: a Corpus of them, read when used)."""
+    if not isinstance(data, Encoded):
+        return data.shard(rows)
     return Encoded(data.input_ids[rows], data.attention_mask[rows], data.token_type_ids[rows],
                    data.labels[rows] if data.labels is not None else None)
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from .cache import cache_root, content_key, model_key
 from .canonical import as_bert, head_activation
-from .checkpoint import data_key, fingerprint, same_run
+from .checkpoint import fingerprint, same_run
+from .corpus import Corpus, data_key, open_corpus, sample_examples, should_stream
 from .config import CheckConfig, ConvertConfig, ExportConfig, RecoveryConfig, RunOptions
 from .data import Encoded, Examples, as_examples, encode, label_maps, read_texts, with_unlabelled
 from .distributed import process_group
@@ -227,11 +228,19 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
     if calib is not None and src.tokenizer is None:
         raise TokenizerError(f"no tokenizer beside {src.path}: reading text needs one; pass --tokenizer DIR")
     _warn_missing(src, calib)
-    train_ex = _examples(train, src.config) if train is not None else None
-    calib_ex = train_ex if calib is train and train_ex is not None else (
-        _examples(calib, src.config) if calib is not None else None)
+    stream = train is not None and should_stream(run, train, unlabelled)  # mbconvert.corpus: not read into memory
+    if stream and config.prune_vocab and vocab_from is None:
+        raise ConfigError("--prune-vocab keeps the tokens of every --train text, which --stream does not read into "
+                          "memory: pass --vocab-from FILE (a sample of the texts) or --stream off")
+    train_ex = _examples(train, src.config) if train is not None and not stream else None
+    if calib is train and stream:  # a seeded sample (every row, in order, when the data is that small)
+        calib_ex = sample_examples(train, *label_maps(src.config), n=config.calib_samples + HELD_OUT, seed=config.seed,
+                                   cache_dir=run.cache_dir)
+    else:
+        calib_ex = train_ex if calib is train and train_ex is not None else (
+            _examples(calib, src.config) if calib is not None else None)
     eval_ex = _examples(eval_data, src.config) if eval_data is not None else None  # bad dev data: before any write
-    extra = read_texts(unlabelled) if unlabelled is not None else None
+    extra = unlabelled if stream else read_texts(unlabelled) if unlabelled is not None else None
     src, vocab_report = _prune(src, config, vocab_from, train_ex or calib_ex, eval_ex)
     key = _conversion_key(src, config, calib_ex)
     previous = _read_json(out / CONVERSION_FILE) if resume else None
@@ -248,9 +257,9 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
         report["key"] = key
         report["mapped_weights"] = model_key(mobile)
         _save_model(out, mobile, src.tokenizer, {CONVERSION_FILE: report})
-    if train_ex is not None:
-        report["recovery"] = _recover(mobile, src, out, report, train_ex, eval_ex, recovery or RecoveryConfig(),
-                                      run, resume, src.tokenizer, extra)
+    if train is not None:
+        report["recovery"] = _recover(mobile, src, out, report, train if stream else train_ex, eval_ex,
+                                      recovery or RecoveryConfig(), run, resume, src.tokenizer, extra)
     return report
 
 
@@ -273,15 +282,22 @@ def _recover(mobile, src: SourceModel, out: Path, conversion: dict | None, train
              cfg: RecoveryConfig, run: RunOptions, resume: bool, tokenizer, unlabelled: Examples | None = None
              ) -> dict:
     """Recover `mobile` in memory against the source, then write `out` whole (weights + recovery.json).
-    `unlabelled`: texts appended to `train` without labels (distilled only)."""
+    `unlabelled`: texts appended to `train` without labels (distilled only). `train` (and `unlabelled`) not yet
+    read (a path or a datasets.Dataset): streamed through mbconvert.corpus."""
     from .recovery import recover
     from .report import summary_line
 
-    rows = {"labelled": len(train) if train.labels is not None else 0,
-            "unlabelled": (len(train) if train.labels is None else 0) + (len(unlabelled) if unlabelled else 0)}
-    if unlabelled is not None:
-        train = with_unlabelled(train, unlabelled)
-    train_enc = _encode_for(mobile, train, tokenizer, cfg, run)
+    if not isinstance(train, Examples):
+        train_enc = open_corpus(train, unlabelled, tokenizer, *label_maps(mobile.config), max_length=cfg.max_length,
+                                cap=mobile.config.max_position_embeddings, cache_dir=run.cache_dir,
+                                progress=run.progress)
+        rows = dict(train_enc.rows)
+    else:
+        rows = {"labelled": len(train) if train.labels is not None else 0,
+                "unlabelled": (len(train) if train.labels is None else 0) + (len(unlabelled) if unlabelled else 0)}
+        if unlabelled is not None:
+            train = with_unlabelled(train, unlabelled)
+        train_enc = _encode_for(mobile, train, tokenizer, cfg, run)
     eval_enc = _encode_for(mobile, _examples(eval_data, mobile.config), tokenizer, cfg, run) \
         if eval_data is not None else None
     done = _read_json(out / RECOVERY_FILE) if resume else None
@@ -294,7 +310,8 @@ def _recover(mobile, src: SourceModel, out: Path, conversion: dict | None, train
     summary = recover(mobile, src.model, train_enc, cfg, eval_enc, out_dir=out, resume=resume,
                       head_map=head_map_from(conversion), run=run)
     summary["weights"], summary["training_rows"] = model_key(mobile), rows
-    summary["activations"] = activation_peaks(mobile, eval_enc if eval_enc is not None else train_enc,
+    sample = train_enc.head(256) if isinstance(train_enc, Corpus) else train_enc
+    summary["activations"] = activation_peaks(mobile, eval_enc if eval_enc is not None else sample,
                                               max_rows=None if eval_enc is not None else 256)  # FP16 range
     if process_group().main:
         print(summary_line(summary))
@@ -324,9 +341,10 @@ def recover_checkpoint(model_dir, source, train, eval_data=None, config: Recover
     tok = tok or src.tokenizer
     src = dataclasses.replace(src, model=same_vocab(model, tok, src.model, src.tokenizer, src.path))
     conversion = _read_json(model_dir / CONVERSION_FILE)
-    extra = read_texts(unlabelled) if unlabelled is not None else None
-    return _recover(model, src, out, conversion, _examples(train, model.config), eval_data, cfg, run, resume, tok,
-                    extra)
+    stream = should_stream(run, train, unlabelled)  # mbconvert.corpus: not read into memory
+    extra = unlabelled if stream else read_texts(unlabelled) if unlabelled is not None else None
+    return _recover(model, src, out, conversion, train if stream else _examples(train, model.config), eval_data, cfg,
+                    run, resume, tok, extra)
 
 
 # ----------------------------------------------------------------------------------------------- check

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed, optim
 from .cache import model_key
 from .config import RecoveryConfig, RunOptions
+from .corpus import Corpus, data_key
 from .data import UNLABELLED, Encoded, bucketed_batches
 from .errors import ConfigError, DataError, ShapeMismatchError, TrainingDivergedError
 from .recovery_plan import Progress, Stage, plan_stages
@@ -70,15 +71,19 @@ def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=No
     """The teacher's logits on every row, computed once per (teacher, dataset) and kept in the cache (outside the
     output folder): a resume or a second recovery on the same data reuses them. `keys`: the (teacher, data) content
     keys when the caller has them already (hashing a large model twice costs seconds). `group`: several processes
-    compute a share of the rows each and gather them."""
-    from .cache import model_key
-    from .checkpoint import data_key
+    compute a share of the rows each and gather them. A streamed Corpus (mbconvert.corpus) gets a CPU tensor over a
+    memory-mapped file in the cache, the same logits bit for bit."""
+    from .cache import cache_root, model_key
+
+    teacher_key, rows_key = keys or (model_key(teacher), data_key(data))
+    if isinstance(data, Corpus):
+        return data.logits(teacher, device, batch_size, cache_root(cache_dir) / f"teacher-logits-{teacher_key}-"
+                           f"{rows_key}.npy", group, desc if group.main else "")
 
     def compute():
         return {"logits": group.map_rows(data, lambda part: _logits(teacher, part, device, batch_size,
                                                                     desc if group.main else ""))}
 
-    teacher_key, rows_key = keys or (model_key(teacher), data_key(data))
     key = f"{teacher_key}-{rows_key}"
     return distributed.cached(group, cache_dir, "teacher-logits", key, compute)["logits"].to(device)
 
@@ -110,8 +115,8 @@ class Recovery:
         self.device = torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.group = distributed.process_group()  # several processes under torchrun / accelerate launch
         self.device = self.group.local(self.device)
-        self.keys = {"teacher": model_key(teacher), "train": checkpoint.data_key(train),
-                     "eval": checkpoint.data_key(eval_data)}  # content keys, hashed once per run
+        self.keys = {"teacher": model_key(teacher), "train": data_key(train),
+                     "eval": data_key(eval_data)}  # content keys, hashed once per run
         self.fingerprint = checkpoint.fingerprint(cfg.to_dict(), self.keys["teacher"], model_key(student),
                                                   self.keys["train"], self.keys["eval"])
         self.student = student.to(self.device)
@@ -153,7 +158,7 @@ class Recovery:
         key = (stage_index, epoch)
         if key != self._order_key:
             seed = self.cfg.seed * 1_000_003 + stage_index * 10_007 + epoch
-            self._order_key, self._order = key, bucketed_batches(self.train.attention_mask.sum(1), self.cfg.batch_size,
+            self._order_key, self._order = key, bucketed_batches(self.train.lengths, self.cfg.batch_size,
                                                                  seed, self.cfg.bucket_batches)
         idx = self._order[pos]
         return idx, {k: v.to(self.device) for k, v in self.train.batch(idx).items()}
@@ -237,7 +242,8 @@ class Recovery:
 
         def loss_fn():
             if stage.layer is None:
-                return self.transfer.task_loss(batch, self.teacher_logits[idx.to(self.device)], self.p.step, rows)
+                targets = self.teacher_logits[idx.to(self.teacher_logits.device)].to(self.device)  # streamed: CPU
+                return self.transfer.task_loss(batch, targets, self.p.step, rows)
             return self.transfer.layer_loss(stage.layer, batch, taps, rows)
 
         with optim.autocast(self.device, self.cfg.bf16):
