@@ -21,9 +21,10 @@ from torch import nn
 
 from . import __version__
 from .config import ExportConfig
-from .export import INPUT_NAMES, Inputs, LogitsWrapper, compare, id2label, size_mb
+from .export import INPUT_NAMES, LEAFSPEC_WARNING, Inputs, LogitsWrapper, compare, example_batch, id2label, size_mb
 from .numerics import FP16_MAX, activation_peaks
 FP16_MASK_VALUE = -3.0e4  # large enough to zero a softmax term, small enough not to overflow FP16
+EXPORTED_WEIGHT = "p_wrapper_"  # torch.export's name of _WithProbabilities.wrapper's parameters; traced: "wrapper_"
 
 
 @torch.no_grad()
@@ -103,7 +104,22 @@ def deployment_target(config: ExportConfig):
     return ct.target.iOS16 if config.coreml_quantize or config.precision == "mixed" else ct.target.iOS15
 
 
-def _convert(traced, inputs: Inputs, config: ExportConfig, use_fp16: bool, max_positions: int, labels: list[str]):
+def torch_program(wrapper: nn.Module, inputs: Inputs, config: ExportConfig):
+    """What ct.convert reads, one row of batch 1 as the example (Core ML inputs are batch 1): --coreml-source export,
+    a torch.export ExportedProgram in the ATEN dialect (run_decompositions({}), which coremltools asks for), its
+    sequence axis Dim.DYNAMIC unless --seq-len (a named Dim would fail on MobileBERT's guards against lengths 1 and 2,
+    which only choose strides and matmul folding: the converted ops hold for every length, and sequence_shape's range
+    or enumerated lengths replace the program's); --coreml-source trace, torch.jit.trace, deprecated by PyTorch."""
+    example = example_batch(inputs, 1, not config.seq_len)
+    if config.coreml_source == "trace":
+        return torch.jit.trace(wrapper, example)
+    shapes = None if config.seq_len else {name: {1: torch.export.Dim.DYNAMIC} for name in INPUT_NAMES}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", LEAFSPEC_WARNING, FutureWarning)
+        return torch.export.export(wrapper, example, dynamic_shapes=shapes).run_decompositions({})
+
+
+def _convert(source, inputs: Inputs, config: ExportConfig, use_fp16: bool, max_positions: int, labels: list[str]):
     """A classifier ML Program: int32 inputs of batch 1 and a fixed, flexible (range) or enumerated sequence length
     (one shape object shared by the three inputs: one length); outputs classLabel, classLabel_probs
     (name → probability) and logits.
@@ -111,17 +127,21 @@ def _convert(traced, inputs: Inputs, config: ExportConfig, use_fp16: bool, max_p
     Two steps because coremltools 9.0's ClassifierConfig cannot both keep `logits` and pick the probabilities by
     name in one ct.convert: given output names, its exporter indexes past them once classify replaces one
     (IndexError); without them, the classifier takes whichever op comes last (after FP16's output casts: the logits).
-    So the torch model becomes a MIL program with named outputs, whose output types are then dropped.
+    So the torch model becomes a MIL program with named outputs, whose output types are then dropped (and its weights
+    renamed as traced: mbconvert.mixed_precision picks them by name).
     """
     import coremltools as ct
 
     shape, target = sequence_shape(config, inputs, max_positions), deployment_target(config)
     program = ct.convert(
-        traced, convert_to="milinternal",
+        source, convert_to="milinternal",
         inputs=[ct.TensorType(name=name, shape=shape, dtype=np.int32) for name in INPUT_NAMES],
         outputs=[ct.TensorType(name="logits"), ct.TensorType(name="probabilities")],
         compute_precision=ct.precision.FLOAT16 if use_fp16 else ct.precision.FLOAT32, minimum_deployment_target=target)
     program.functions["main"].set_output_types(None)
+    for op in program.functions["main"].operations:  # weights named as traced: the names read alike from both sources
+        if op.op_type == "const" and op.name.startswith(EXPORTED_WEIGHT):
+            op.name, op.outputs[0].name = (n.removeprefix("p_") for n in (op.name, op.outputs[0].name))
     return ct.convert(program, convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,  # already cast
                       classifier_config=ct.ClassifierConfig(labels, predicted_probabilities_output="probabilities"),
                       minimum_deployment_target=target)
@@ -173,13 +193,15 @@ def export_coreml(model: nn.Module, path: Path, inputs: Inputs, config: ExportCo
     wrapper = _WithProbabilities(LogitsWrapper(model, FP16_MASK_VALUE if use_fp16 else
                                                torch.finfo(torch.float32).min)).eval()
     labels = list(id2label(model).values())
-    example = tuple(torch.from_numpy(v[:1]) for v in inputs.feeds().values())
     # coremltools' numpy warnings are benign here: a cast overflow in its range analysis, and 0/0 scales for
     # all-zero weight rows (the padding embedding) that dequantise to exactly 0 anyway
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        traced = torch.jit.trace(wrapper, example)
-        mlmodel = _convert(traced, inputs, config, use_fp16, model.config.max_position_embeddings, labels)
+        # coremltools 9.0's ExportedProgram reader calls its own deprecated op registry lookup for every node
+        warnings.filterwarnings("ignore", r"Function _TORCH_OPS_REGISTRY\.__contains__ is deprecated",
+                                DeprecationWarning)
+        source = torch_program(wrapper, inputs, config)
+        mlmodel = _convert(source, inputs, config, use_fp16, model.config.max_position_embeddings, labels)
         if config.coreml_quantize:
             from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OptimizationConfig,
                                                      linear_quantize_weights)
@@ -195,8 +217,9 @@ def export_coreml(model: nn.Module, path: Path, inputs: Inputs, config: ExportCo
     describe(mlmodel, model, labels)
     shapes = describe_shapes(mlmodel, config, model.config.max_position_embeddings)
     mlmodel.save(str(path))
-    report.update(precision="fp16" if use_fp16 else "fp32", weights_8bit=config.coreml_quantize,
-                  sequence_lengths=shapes)  # weights_8bit: all of them; --precision mixed: see report["mixed"]
+    # weights_8bit: all of them; --precision mixed: see report["mixed"]
+    report.update(source=config.coreml_source, precision="fp16" if use_fp16 else "fp32",
+                  weights_8bit=config.coreml_quantize, sequence_lengths=shapes)
     return report
 
 

@@ -14,6 +14,7 @@ them so that the rest of mbconvert works without them.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import importlib
@@ -164,19 +165,104 @@ def size_mb(path: Path) -> float:
 
 # ---------------------------------------------------------------------------------------------- ONNX
 
-def export_onnx(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig) -> None:
-    """Legacy TorchScript exporter: one self-contained file (the dynamo exporter writes external data)."""
-    example = tuple(torch.from_numpy(v[:2]) for v in inputs.feeds().values())
+# torch's own run_decompositions deep-copies torch.export's LeafSpec, which torch 2.13 itself deprecates: library noise
+# on every torch.export path, not a deprecated call of ours (mbconvert.coreml filters it too)
+LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+EXAMPLE_MIN_LEN = 8  # torch.export fixes an axis whose example is 1 long, and guards MobileBERT's against 2
+
+
+def example_batch(inputs: Inputs, rows: int, dynamic_seq: bool) -> tuple[torch.Tensor, ...]:
+    """The first `rows` rows as contiguous int64 tensors (torch.export guards strides), in INPUT_NAMES order; with a
+    dynamic sequence axis padded (attention mask 0: the same logits) to at least EXAMPLE_MIN_LEN tokens."""
+    feeds = inputs.feeds(0, rows)
+    pad = max(0, EXAMPLE_MIN_LEN - inputs.seq_len) if dynamic_seq else 0
+    return tuple(torch.from_numpy(np.ascontiguousarray(np.pad(feeds[name], [(0, 0), (0, pad)]), dtype=np.int64))
+                 for name in INPUT_NAMES)
+
+
+def scope_names(proto) -> None:
+    """Name the nodes of a dynamo graph as the legacy exporter does, by module scope and op —
+    `/encoder/layer.0/ffn.0/intermediate/dense/MatMul`, `_1`, `_2` ... for repeats — from the scopes torch.onnx
+    records in each node's metadata (`pkg.torch.onnx.name_scopes`, outermost first), then drop that metadata: both
+    exporters' files read alike (mbconvert.mixed_precision picks nodes by these names; onnxruntime's profiler
+    reports them), and the metadata's stack traces would ship this machine's paths (~100 KB a layer). Nodes without
+    scopes keep their names."""
+    seen: dict[str, int] = {}
+    for node in proto.graph.node:
+        scopes = next((m.value for m in node.metadata_props if m.key == "pkg.torch.onnx.name_scopes"), None)
+        del node.metadata_props[:]
+        if scopes is None:
+            continue
+        paths = [s for s in ast.literal_eval(scopes)[:-1] if s]  # the last one is the op's own name
+        parts = [b[len(a) + 1:] if a else b for a, b in zip([""] + paths, paths)]
+        name = "/" + "/".join(parts + [node.op_type])
+        seen[name] = seen.get(name, -1) + 1
+        node.name = name if not seen[name] else f"{name}_{seen[name]}"
+
+
+def _export_dynamo(wrapper: nn.Module, example: tuple, path: Path, config: ExportConfig) -> None:
+    """torch.onnx.export(dynamo=True): torch.export captures the graph, onnxscript translates and optimises it. Axis
+    names in `dynamic_shapes` are torch.onnx's spelling of torch.export.Dim.DYNAMIC, named so in the file: a named
+    Dim would fail on MobileBERT's length guards (see EXAMPLE_MIN_LEN). Weights inside the file (external_data=False);
+    nodes named by module scope (scope_names)."""
+    import onnx
+
     seq_axis = {} if config.seq_len else {1: "sequence"}
+    shapes = {name: {0: "batch", **seq_axis} for name in INPUT_NAMES}
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # "torchvision ..."
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", LEAFSPEC_WARNING, FutureWarning)
+        # the three inputs share their axes: torch.onnx names them once and says so for the others
+        warnings.filterwarnings("ignore", r"# The axis name: .* will not be used", UserWarning)
+        torch.onnx.export(wrapper, example, str(path), input_names=list(INPUT_NAMES), output_names=["logits"],
+                          opset_version=config.opset, dynamo=True, external_data=False, dynamic_shapes=shapes,
+                          verbose=False)
+    proto = onnx.load(str(path))
+    scope_names(proto)
+    onnx.save(proto, str(path))
+
+
+def _export_torchscript(wrapper: nn.Module, example: tuple, path: Path, opset: int, dynamic_seq: bool) -> None:
+    """The legacy TorchScript exporter (dynamo=False), deprecated by PyTorch: --onnx-exporter torchscript, and the
+    fallback when the dynamo exporter fails."""
+    seq_axis = {1: "sequence"} if dynamic_seq else {}
     axes = {name: {0: "batch", **seq_axis} for name in INPUT_NAMES} | {"logits": {0: "batch"}}
     with warnings.catch_warnings():  # "Constant folding - Only steps=1 ..." is harmless tracer noise
         warnings.simplefilter("ignore", UserWarning)
-        torch.onnx.export(LogitsWrapper(model).eval(), example, str(path), input_names=list(INPUT_NAMES),
-                          output_names=["logits"], dynamic_axes=axes, opset_version=config.opset, dynamo=False,
-                          do_constant_folding=True)
+        torch.onnx.export(wrapper, example, str(path), input_names=list(INPUT_NAMES), output_names=["logits"],
+                          dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+def export_onnx(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig) -> dict:
+    """One self-contained model.onnx with a dynamic batch axis (and sequence axis unless --seq-len), checked by
+    onnx.checker. `config.onnx_exporter` picks the exporter; dynamo falls back to torchscript when onnxscript is
+    missing or the exporter raises its own error (torch.onnx.errors.OnnxExporterError: capture or translation
+    failed). Returns export.json's record: {"exporter": the one used, "opset": the file's, "exporter_fallback": why,
+    only after a fallback (export_onnx_formats turns it into the artifact's warning)}."""
     import onnx
 
+    wrapper, dynamic_seq = LogitsWrapper(model).eval(), not config.seq_len
+    example = example_batch(inputs, 2, dynamic_seq)
+    record, opset = {"exporter": config.onnx_exporter}, config.opset
+    if config.onnx_exporter == "dynamo":
+        from importlib.util import find_spec
+
+        if find_spec("onnxscript") is None:
+            record["exporter_fallback"] = "onnxscript is not installed (pip install 'mbconvert[export]')"
+        else:
+            try:
+                _export_dynamo(wrapper, example, path, config)
+            except torch.onnx.errors.OnnxExporterError as e:
+                record["exporter_fallback"] = f"the dynamo exporter failed: {str(e).strip().splitlines()[0][:300]}"
+        if "exporter_fallback" in record:
+            record["exporter"], opset = "torchscript", min(opset, 20)
+            path.unlink(missing_ok=True)
+    if record["exporter"] == "torchscript":
+        _export_torchscript(wrapper, example, path, opset, dynamic_seq)
     onnx.checker.check_model(str(path))
+    proto = onnx.load(str(path), load_external_data=False)
+    record["opset"] = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return record
 
 
 def onnx_session(path: str | Path, threads: int = 2):
@@ -234,13 +320,19 @@ def quantize_onnx(fp32: Path, out: Path, inputs: Inputs, static: bool) -> None:
     try:
         if static:
             quantize_static(str(prepared), str(out), _CalibrationReader(inputs), weight_type=QuantType.QInt8,
-                            activation_type=QuantType.QUInt8)
+                            activation_type=QuantType.QUInt8, extra_options=_TYPES)
         else:
             # per-channel scales: one outlier column of a fitted projection no longer sets every column's step
             # (mapped MiniLM MobileBERT on AG News: 80.5% per-tensor vs 85.2% per-channel, FP32 89.8%)
-            quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8, per_channel=True)
+            quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                             extra_options=_TYPES)
     finally:
         prepared.unlink(missing_ok=True)
+
+
+# onnx's shape inference stops at contrib operators (the folded graph's MultiHeadAttention, onnxruntime's fused
+# Attention): what it cannot type is float, the only type the graphs mbconvert quantises carry between operators
+_TYPES = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
 
 
 class _CalibrationReader:
@@ -267,16 +359,20 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
     """
     out: dict = {}
     fp32 = tmp / "model.onnx"
-    export_onnx(model, fp32, inputs, config)
+    exporter = export_onnx(model, fp32, inputs, config)
     stamp_onnx(fp32, model)
     fp32_logits = onnx_logits(fp32, inputs, config.threads)
-    out["onnx"] = {"file": fp32.name, "size_mb": size_mb(fp32), "opset": config.opset,
+    out["onnx"] = {"file": fp32.name, "size_mb": size_mb(fp32), **exporter,
                    "dynamic_axes": ["batch"] + ([] if config.seq_len else ["sequence"]),
                    "parity": compare(reference, fp32_logits, config.parity_atol),
                    "accuracy": accuracy(fp32_logits, inputs.labels),
                    "latency": latencies(fp32, inputs.seq_len, config)}
+    problems = [f"fell back to the torchscript exporter: {exporter['exporter_fallback']}"] if (
+        "exporter_fallback" in exporter) else []
     if not out["onnx"]["parity"]["passed"]:
-        out["onnx"]["warning"] = f"ONNX logits differ from PyTorch by {out['onnx']['parity']['max_abs_diff']:.3g}"
+        problems.append(f"ONNX logits differ from PyTorch by {out['onnx']['parity']['max_abs_diff']:.3g}")
+    if problems:
+        out["onnx"]["warning"] = "; ".join(problems)
     if "onnx-int8" in config.formats:
         int8 = tmp / "model.int8.onnx"
         quantize_onnx(fp32, int8, inputs, config.int8_static)

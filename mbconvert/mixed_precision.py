@@ -146,7 +146,8 @@ def run_guard(evaluate: Callable[[list[str]], Trial], units: list[str], referenc
 
 def node_module(name: str) -> str:
     """ONNX node name → the module path it came from: `/encoder/layer.0/ffn.0/output/dense/MatMul` →
-    `encoder.layer.0.ffn.0.output.dense` (the legacy exporter names nodes by module scope)."""
+    `encoder.layer.0.ffn.0.output.dense` (the legacy exporter names nodes by module scope, and
+    mbconvert.export.scope_names names the dynamo exporter's alike)."""
     return ".".join(name.strip("/").split("/")[:-1])
 
 
@@ -232,7 +233,7 @@ def mil_name(name: str) -> str:
 
 
 def coreml_weight_names(mlmodel, modules: list[str]) -> tuple[list[str], list[str]]:
-    """The ML Program's const names of `modules`' weights — `wrapper.<module>.weight` (mbconvert.coreml traces
+    """The ML Program's const names of `modules`' weights — `wrapper.<module>.weight` (mbconvert.coreml converts
     LogitsWrapper under `_WithProbabilities.wrapper`) as the spec spells it, with FP16 compute's `_to_fp16` suffix —
     and the modules whose weight has no const of its own (e.g. merged with an identical one)."""
     from coremltools.optimize.coreml import get_weights_metadata

@@ -50,6 +50,7 @@ import numpy as np
 
 from .errors import MissingDependencyError, TokenizerError
 from .export import accuracy, compare, id2label, median_ms, onnx_session, size_mb
+from .onnx_graph import Graph
 
 TEXT_FILE = "model.text.onnx"
 CUSTOM_DOMAIN = "ai.onnx.contrib"
@@ -237,31 +238,8 @@ def tokenizer_spec(tokenizer, max_length: int) -> TokenizerSpec:
 
 
 # ---------------------------------------------------------------------------------------------- the graph
-class _Graph:
-    """Nodes and constants under construction, with unique names."""
-
-    def __init__(self, prefix: str):
-        self.prefix, self.nodes, self.consts, self._n = prefix, [], [], 0
-
-    def name(self, hint: str) -> str:
-        self._n += 1
-        return f"{self.prefix}{hint}_{self._n}"
-
-    def const(self, value, hint: str = "c") -> str:
-        from onnx import numpy_helper
-
-        name = self.name(hint)
-        array = np.array(value, dtype=object) if isinstance(value, str) else np.asarray(value)
-        self.consts.append(numpy_helper.from_array(array, name))
-        return name
-
-    def op(self, op_type: str, inputs, hint: str | None = None, outputs: int = 1, domain: str = "", **attrs):
-        from onnx import helper
-
-        names = [self.name(hint or op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self.name(op_type), domain=domain,
-                                           **attrs))
-        return names[0] if outputs == 1 else names
+class _Graph(Graph):
+    """The shared builder plus the string rewrite the tokenizer graph uses."""
 
     def replace(self, text: str, pattern: str, rewrite: str) -> str:
         return self.op("StringRegexReplace", [text, self.const(pattern, "pattern"), self.const(rewrite, "rewrite")],

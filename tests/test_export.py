@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -347,3 +348,105 @@ def test_no_backend_installed_is_a_missing_dependency(mobilebert_dir, tmp_path, 
     assert main(["export", str(mobilebert_dir), "-o", str(tmp_path / "cli")]) == 2
     assert "pip install 'mbconvert[export]'" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists() and not (tmp_path / "api").exists()
+
+
+# ------------------------------------------------------------------------------------- exporters
+
+def deprecations(records) -> list[str]:
+    return [f"{w.category.__name__} {w.filename}:{w.lineno}: {w.message}" for w in records
+            if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+
+
+def test_default_path_is_torch_export_without_deprecation_warnings(tokenizer, tmp_path):
+    """ONNX from torch.onnx.export(dynamo=True), Core ML from a torch.export ExportedProgram: no warning that an API
+    is deprecated (the legacy exporter and torch.jit.trace raise DeprecationWarning), and export.json says so."""
+    pytest.importorskip("onnxscript")  # the dynamo exporter's translator (the export extra); without it: fallback
+    model = mobilebert(len(tokenizer), layers=1)
+    cfg = ExportConfig(formats=("onnx", "onnx-int8", "coreml"), latency_repeats=1, latency_batch_sizes=(1,))
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        report = export_checkpoint(model, cfg, out=tmp_path / "out", tokenizer=tokenizer)
+    assert deprecations(records) == []
+    onnx_report, coreml = report["artifacts"]["onnx"], report["artifacts"]["coreml"]
+    assert onnx_report["exporter"] == "dynamo" and "exporter_fallback" not in onnx_report
+    assert onnx_report["opset"] == 18 and onnx_report["parity"]["passed"] and "warning" not in onnx_report
+    assert report["artifacts"]["onnx-int8"]["size_ratio"] < 0.5, "the dynamic INT8 quantiser reads the dynamo graph"
+    assert coreml["source"] == "export" and all(i["ranges"] == [[1, 1], [1, 512]] for i in coreml["spec"]["inputs"])
+    proto = check_onnx_file(tmp_path / "out" / "model.onnx", model, padded_batch(tokenizer))
+    assert len(proto.graph.initializer) and not [i for i in proto.graph.initializer if i.data_location], \
+        "one self-contained file"
+    matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
+    assert "/encoder/layer.0/ffn.0/intermediate/dense/MatMul" in matmuls, "nodes named by module scope"
+    assert not any(n.metadata_props for n in proto.graph.node), "no stack traces of this machine in the file"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # what the legacy paths are
+def test_legacy_exporters_stay_available_by_name(mobilebert_dir, tokenizer, tmp_path):
+    """--onnx-exporter torchscript and --coreml-source trace: the deprecated paths, still with PyTorch's logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    from mbconvert.cli import main
+
+    out = tmp_path / "legacy"
+    assert main(["export", str(mobilebert_dir), "--format", "onnx,coreml", "--onnx-exporter", "torchscript",
+                 "--coreml-source", "trace", "-o", str(out)]) == 0
+    report = json.loads((out / "export.json").read_text())
+    onnx_report, coreml = report["artifacts"]["onnx"], report["artifacts"]["coreml"]
+    assert onnx_report["exporter"] == "torchscript" and onnx_report["parity"]["passed"]
+    assert report["config"]["onnx_exporter"] == "torchscript" and report["config"]["coreml_source"] == "trace"
+    assert coreml["source"] == "trace" and all(i["ranges"] == [[1, 1], [1, 512]] for i in coreml["spec"]["inputs"])
+    model = AutoModelForSequenceClassification.from_pretrained(str(mobilebert_dir), attn_implementation="eager")
+    check_onnx_file(out / "model.onnx", model.eval(), padded_batch(tokenizer))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the torchscript exporter's own
+@pytest.mark.parametrize("failure", ["onnxscript missing", "exporter error"])
+def test_dynamo_failure_falls_back_to_torchscript_and_says_so(failure, tokenizer, tmp_path, monkeypatch, caplog):
+    import mbconvert.export
+
+    if failure == "onnxscript missing":
+        monkeypatch.setitem(sys.modules, "onnxscript", None)
+    else:
+        def fail(*args, **kwargs):
+            raise torch.onnx.errors.OnnxExporterError("Failed to export the model with torch.export (test)")
+
+        monkeypatch.setattr(mbconvert.export, "_export_dynamo", fail)
+    model = mobilebert(len(tokenizer), layers=1)
+    cfg = ExportConfig(formats=("onnx",), seq_len=16, latency_repeats=1, latency_batch_sizes=(1,))
+    with caplog.at_level(logging.WARNING, logger="mbconvert"):
+        report = export_checkpoint(model, cfg, out=tmp_path / "out", tokenizer=tokenizer)
+    onnx_report = report["artifacts"]["onnx"]
+    assert onnx_report["exporter"] == "torchscript" and onnx_report["parity"]["passed"]
+    assert ("onnxscript" if failure == "onnxscript missing" else "(test)") in onnx_report["exporter_fallback"]
+    assert "fell back to the torchscript exporter" in onnx_report["warning"]
+    assert any("fell back to the torchscript exporter" in r.getMessage() for r in caplog.records)
+
+
+def test_exporter_options_are_checked():
+    assert ExportConfig().onnx_exporter == "dynamo" and ExportConfig().coreml_source == "export"
+    assert ExportConfig().opset == 18
+    with pytest.raises(ConfigError, match="opset 18 or later"):
+        ExportConfig(opset=17)
+    assert ExportConfig(opset=17, onnx_exporter="torchscript").opset == 17
+    with pytest.raises(ConfigError, match="opset 20 at most"):
+        ExportConfig(opset=21, onnx_exporter="torchscript")
+    with pytest.raises(ConfigError, match="onnx_exporter must be one of"):
+        ExportConfig(onnx_exporter="tflite")
+    with pytest.raises(ConfigError, match="coreml_source must be one of"):
+        ExportConfig(coreml_source="script")
+
+
+def test_the_exported_program_holds_at_every_length_the_core_ml_range_admits(tokenizer):
+    """torch.export guards MobileBERT's length against 1 and 2 (strides, matmul folding); the graph Core ML converts
+    (range 1..512) must still give the model's logits there, its guards off as Core ML has none."""
+    from mbconvert.coreml import torch_program
+    from mbconvert.export import LogitsWrapper, sample_inputs
+
+    model = mobilebert(len(tokenizer), layers=1)
+    wrapper, config = LogitsWrapper(model).eval(), ExportConfig(formats=("coreml",))
+    graph = torch_program(wrapper, sample_inputs(model, None, config), config).module(check_guards=False)
+    for length in (1, 2, 3, 40):
+        ids = torch.randint(1, len(tokenizer), (1, length), generator=torch.Generator().manual_seed(length))
+        feeds = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+        with torch.no_grad():
+            assert torch.allclose(graph(*feeds), wrapper(*feeds), atol=1e-5), length
