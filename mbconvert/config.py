@@ -231,6 +231,11 @@ class ExportConfig(_Config):
                                           "by PyTorch)", choices=("dynamo", "torchscript"))
     coreml_source: str = option("export", "what Core ML converts: export (a torch.export ExportedProgram) or trace "
                                           "(torch.jit.trace, deprecated by PyTorch)", choices=("export", "trace"))
+    onnx_graph: str = option("folded", "the ONNX graph of a NoNorm MobileBERT: folded (mbconvert.folding: NoNorms "
+                                       "folded into the linear layers, one projection per input, onnxruntime's fused "
+                                       "attention; the same logits, about half the operators) or plain (the "
+                                       "exporter's trace of transformers' model); other models are always plain",
+                             choices=("folded", "plain"))
     int8_static: bool = option(False, "static INT8 calibrated on --data instead of dynamic weight quantisation")
     coreml_precision: str = option("fp16", "Core ML compute precision", choices=("fp16", "fp32"))
     coreml_quantize: bool = option(False, "8-bit Core ML weights (coremltools.optimize)")
@@ -269,6 +274,7 @@ class ExportConfig(_Config):
         _number("max_seq_len", self.max_seq_len, 1, integer=True)
         _number("opset", self.opset, 13, 23, integer=True)
         _choice("onnx_exporter", self.onnx_exporter, ("dynamo", "torchscript"))
+        _choice("onnx_graph", self.onnx_graph, ("folded", "plain"))
         _choice("coreml_source", self.coreml_source, ("export", "trace"))
         if self.onnx_exporter == "dynamo":
             _check(self.opset >= 18, f"the dynamo ONNX exporter writes opset 18 or later, not {self.opset}: raise "

@@ -51,7 +51,7 @@ NEEDS = {"onnx": ("onnx", "onnxruntime"), "onnx-int8": ("onnx", "onnxruntime"),
 EXTRAS = {"onnx": "export", "onnx-int8": "export", "onnx-text": "export", "coreml": "export",
           "executorch": "executorch", "executorch-int8": "executorch", "litert": "litert", "litert-int8": "litert"}
 # their versions go into export.json
-BACKENDS = ("onnx", "onnxruntime", "onnxruntime_extensions", "coremltools", "executorch", "litert_torch",
+BACKENDS = ("onnx", "onnxruntime", "onnxruntime_extensions", "onnxscript", "coremltools", "executorch", "litert_torch",
             "ai_edge_litert", "ai_edge_quantizer")
 
 
@@ -352,6 +352,27 @@ def latencies(path: Path, seq_len: int, config: ExportConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 
+def write_onnx(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig) -> dict:
+    """model.onnx: a NoNorm MobileBERT's folded graph (mbconvert.folding, written node by node) unless
+    `config.onnx_graph` is plain or the model cannot be folded, else the exporter's (export_onnx). Returns
+    export.json's record: the graph, the exporter, the opset (and why a MobileBERT was not folded)."""
+    note = None
+    if config.onnx_graph == "folded":
+        from .folding import folded_or_none, stats, to_onnx
+
+        folded, why = folded_or_none(model)
+        if folded is not None:
+            import onnx
+
+            onnx.save(to_onnx(folded, config.opset, length=config.seq_len), str(path))
+            onnx.checker.check_model(str(path))
+            return {"graph": "folded", "exporter": "mbconvert.folding", "opset": config.opset, **stats(model)}
+        if type(model).__name__.startswith("MobileBert"):
+            note = f"not folded: {why}"
+            log.info("export: the plain ONNX graph (%s)", note)
+    return {"graph": "plain", **({"graph_note": note} if note else {}), **export_onnx(model, path, inputs, config)}
+
+
 def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray, config: ExportConfig) -> dict:
     """model.onnx and model.int8.onnx; parity, accuracy, size and latency.
 
@@ -359,7 +380,7 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
     """
     out: dict = {}
     fp32 = tmp / "model.onnx"
-    exporter = export_onnx(model, fp32, inputs, config)
+    exporter = write_onnx(model, fp32, inputs, config)
     stamp_onnx(fp32, model)
     fp32_logits = onnx_logits(fp32, inputs, config.threads)
     out["onnx"] = {"file": fp32.name, "size_mb": size_mb(fp32), **exporter,

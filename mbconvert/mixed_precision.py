@@ -177,11 +177,15 @@ def quantise_nodes(prepared: Path, out: Path, nodes: dict[str, str], modules: li
 
 
 def export_onnx_mixed(model: nn.Module, folder: Path, inputs: Inputs, config: ExportConfig) -> dict:
-    """model.mixed.onnx from `folder`/model.onnx (written before): the guard's final candidate, with its parity
-    against FP32, accuracy, size and latency. Returns export.json's `onnx-mixed` artifact."""
+    """model.mixed.onnx from the plain graph (the exporter's, whose node names say which module each weight belongs
+    to; model.onnx may be the folded graph, whose projections mix modules): the guard's final candidate, with its
+    parity against FP32, accuracy, size and latency. Returns export.json's `onnx-mixed` artifact."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    fp32, out = folder / "model.onnx", folder / "model.mixed.onnx"
+    from .export import export_onnx
+
+    fp32, out = folder / "mixed.plain.onnx", folder / "model.mixed.onnx"
+    export_onnx(model, fp32, inputs, config)
     prepared, trial_path = folder / "mixed.prepared.onnx", folder / "mixed.trial.onnx"
     units = weight_units(model)
     reference = onnx_logits(fp32, inputs, config.threads)
@@ -200,12 +204,14 @@ def export_onnx_mixed(model: nn.Module, folder: Path, inputs: Inputs, config: Ex
         trial_path.unlink(missing_ok=True)
     stamp_onnx(out, model)
     logits = onnx_logits(out, inputs, config.threads)
-    report = {"file": out.name, "size_mb": size_mb(out), "size_ratio": round(size_mb(out) / size_mb(fp32), 3),
+    shipped = folder / "model.onnx" if (folder / "model.onnx").is_file() else fp32  # the FP32 artifact beside it
+    report = {"file": out.name, "size_mb": size_mb(out), "size_ratio": round(size_mb(out) / size_mb(shipped), 3),
               "plan": PLAN_ONNX, "int8_units": guard["quantised"], "full_precision_units": guard["kept_full_precision"],
               "int8_nodes": sum(m in set(modules_of(units, guard["quantised"])) for m in nodes.values()),
               "vs_fp32": compare(reference, logits, config.parity_atol),
               "accuracy": accuracy(logits, inputs.labels), "accuracy_fp32": accuracy(reference, inputs.labels),
               "guard": guard, "latency": latencies(out, inputs.seq_len, config)}
+    fp32.unlink()  # the plain graph was only the quantiser's input
     if warning:
         report["warning"] = warning
     return report

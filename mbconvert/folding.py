@@ -1,0 +1,304 @@
+"""An exactly equivalent, leaner inference graph of a NoNorm MobileBERT, for export (issue 20).
+
+At batch 1 the exported MobileBERT's time is set by the number of operators it dispatches, not by its arithmetic
+(benchmarks/NOTES.md, "Where the time goes"): transformers' graph has eight NoNorms per layer (a Mul and an Add
+each), MatMul + Add pairs that onnxruntime cannot fuse on 3-D tensors, and separate projections that read the same
+input. `FoldedMobileBert` computes the same logits as `MobileBertForSequenceClassification` (what mbconvert writes:
+NoNorm, key_query_shared_bottleneck, no bottleneck attention) with fewer operators:
+
+- **NoNorm folded away.** NoNorm(x) = w·x + b is an elementwise affine map, so every stream is carried divided per
+  channel by the product D of the NoNorm weights it has passed through (x = D·x̃). A NoNorm after a residual sum,
+  w·(dense(z) + r) + b with r = D·r̃, becomes x̃' = dense'(z) + r̃ with D' = w·D, dense' = dense / D and the bias
+  b / D' folded into dense'; the readers of a stream take D on their input columns. No NoNorm operator is left:
+  the residual adds are plain adds. (The same per-stream algebra as mbconvert.fp16, with D = the NoNorm weights
+  instead of powers of two; FP32 logits agree to rounding, see tests/test_folding.py.)
+- **One projection per input.** The bottleneck input, the shared q/k bottleneck and the values all read the layer
+  input h: one [H → 3B] MatMul; the queries and keys read the shared bottleneck: one [B → 2B] MatMul, with the
+  attention scale 1/√d folded into the query rows.
+- **2-D tokens.** The encoder runs on [batch·length, width] rows, where onnxruntime fuses MatMul + Add into Gemm
+  (and Gemm + ReLU) in FP32; every projection is written as MatMul + Add so dynamic INT8 quantises it
+  (onnxruntime's dynamic quantiser handles MatMul, not Gemm) and fuses the bias into DynamicQuantizeMatMul.
+- **Embeddings.** The embedding transformation's bias and the embedding NoNorm's shift are folded into the
+  position table (positions 0..L-1, as transformers numbers them).
+
+What it refuses (`unsupported`) is exported through the plain wrapper instead. A NoNorm weight that is zero, or
+products of weights outside [1e-6, 1e6], would make the rescaled streams ill-conditioned: refused too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .errors import ConfigError
+from .onnx_graph import Graph
+
+SCALE_RANGE = (1e-6, 1e6)  # products of NoNorm weights a stream may be carried divided by
+
+
+def unsupported(model) -> str | None:
+    """Why `model` cannot be folded (None: it can)."""
+    config = getattr(model, "config", None)
+    if type(model).__name__ != "MobileBertForSequenceClassification":
+        return f"{type(model).__name__} is not a MobileBertForSequenceClassification"
+    if config.normalization_type != "no_norm":
+        return f"normalization_type {config.normalization_type} (only NoNorm folds into linear layers)"
+    if not config.use_bottleneck or config.use_bottleneck_attention or not config.key_query_shared_bottleneck:
+        return "only use_bottleneck, key_query_shared_bottleneck, no bottleneck attention (mbconvert's MobileBERT)"
+    if not config.classifier_activation:
+        return "classifier_activation=False"
+    if config.hidden_act not in ("relu", "gelu"):
+        return f"hidden_act {config.hidden_act} (relu and gelu fold)"
+    return None
+
+
+class Affine(nn.Module):
+    """x @ weight + bias, exported as MatMul + Add (weight stored [in, out])."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight) + self.bias
+
+
+def _folded_dense(dense: nn.Linear, d_in: torch.Tensor | None, d_sum: torch.Tensor, norm, d_out: torch.Tensor
+                  ) -> Affine:
+    """The dense of `norm(dense(z) + r)`, z carried divided by d_in (None: not rescaled), r by d_sum, the result
+    by d_out = norm.weight·d_sum: rows / d_sum, columns · d_in, bias (b / d_sum + norm.bias / d_out)."""
+    w = dense.weight.double()
+    if d_in is not None:
+        w = w * d_in[None, :]
+    return Affine((w / d_sum[:, None]).float(), (dense.bias.double() / d_sum + norm.bias.double() / d_out).float())
+
+
+def _check_scale(d: torch.Tensor, where: str) -> torch.Tensor:
+    lo, hi = SCALE_RANGE
+    mag = d.abs()
+    if not bool(((mag >= lo) & (mag <= hi)).all()):
+        raise ConfigError(f"cannot fold the NoNorms of {where}: a product of NoNorm weights is outside "
+                          f"[{lo:g}, {hi:g}] ({mag.min().item():.3g}..{mag.max().item():.3g})")
+    return d
+
+
+class FoldedFeedForward(nn.Module):
+    """relu(x W_i + b_i) W_o' + b_o' + x̃: one of the stacked FFNs (or the layer's own intermediate + output)."""
+
+    def __init__(self, intermediate, output, d_in: torch.Tensor, d_out: torch.Tensor, act: str):
+        super().__init__()
+        w_i = intermediate.dense.weight.double() * d_in[None, :]
+        self.intermediate = Affine(w_i.float(), intermediate.dense.bias.detach())
+        self.act, self.act_name = ACT2FN[act], act
+        self.output = _folded_dense(output.dense, None, d_in, output.LayerNorm, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.act(self.intermediate(x))) + x
+
+
+class FoldedLayer(nn.Module):
+    """One MobileBERT layer on [tokens, width] rows; `d_h` is the scale its input stream is carried divided by."""
+
+    def __init__(self, layer, d_h: torch.Tensor, act: str, index: int):
+        super().__init__()
+        bneck, att = layer.bottleneck, layer.attention
+        self.heads, self.head_size = att.self.num_attention_heads, att.self.attention_head_size
+        width = self.heads * self.head_size
+        d_a = _check_scale(bneck.input.LayerNorm.weight.double(), f"layer {index}'s bottleneck input")
+        # the three readers of h, one MatMul: ã (bottleneck input / d_a), the shared q/k input s (exact), v
+        inp, shared, value = bneck.input, bneck.attention, att.self.value
+        w_a = inp.dense.weight.double() * d_h[None, :]
+        b_a = inp.dense.bias.double() + inp.LayerNorm.bias.double() / d_a
+        w_s = shared.LayerNorm.weight.double()[:, None] * shared.dense.weight.double() * d_h[None, :]
+        b_s = shared.LayerNorm.weight.double() * shared.dense.bias.double() + shared.LayerNorm.bias.double()
+        w_v = value.weight.double() * d_h[None, :]
+        self.readers = Affine(torch.cat([w_a, w_s, w_v]).float(),
+                              torch.cat([b_a, b_s, value.bias.double()]).float())
+        self.split = (w_a.shape[0], w_s.shape[0], w_v.shape[0])
+        scale = self.head_size ** -0.5
+        q, k = att.self.query, att.self.key
+        self.query_key = Affine(torch.cat([q.weight.double() * scale, k.weight.double()]).float(),
+                                torch.cat([q.bias.double() * scale, k.bias.double()]).float())
+        d = _check_scale(att.output.LayerNorm.weight.double() * d_a, f"layer {index}'s attention output")
+        self.attention_output = _folded_dense(att.output.dense, None, d_a, att.output.LayerNorm, d)
+        ffns = []
+        for j, ffn in enumerate(getattr(layer, "ffn", None) or []):
+            d_next = _check_scale(ffn.output.LayerNorm.weight.double() * d, f"layer {index}'s FFN {j}")
+            ffns.append(FoldedFeedForward(ffn.intermediate, ffn.output, d, d_next, act))
+            d = d_next
+        d_u = _check_scale(layer.output.LayerNorm.weight.double() * d, f"layer {index}'s output")
+        ffns.append(FoldedFeedForward(layer.intermediate, layer.output, d, d_u, act))
+        self.ffns = nn.ModuleList(ffns)
+        up = layer.output.bottleneck
+        self.d_out = _check_scale(up.LayerNorm.weight.double() * d_h, f"layer {index}'s output bottleneck")
+        self.output_bottleneck = _folded_dense(up.dense, d_u, d_h, up.LayerNorm, self.d_out)
+        assert width == self.split[2]
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        a, s, v = torch.split(self.readers(h), self.split, dim=-1)
+        qk = self.query_key(s).reshape(batch, length, 2, self.heads, self.head_size).permute(2, 0, 3, 1, 4)
+        v = v.reshape(batch, length, self.heads, self.head_size).transpose(1, 2)
+        scores = torch.matmul(qk[0], qk[1].transpose(-1, -2)) + mask
+        context = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(batch * length, -1)
+        x = self.attention_output(context) + a
+        for ffn in self.ffns:
+            x = ffn(x)
+        return self.output_bottleneck(x) + h
+
+
+class FoldedMobileBert(nn.Module):
+    """MobileBertForSequenceClassification's logits as a function of (input_ids, attention_mask, token_type_ids),
+    with its NoNorms folded away (module docstring). Built from a trained model; inference only."""
+
+    def __init__(self, model, mask_value: float = torch.finfo(torch.float32).min):
+        super().__init__()
+        why = unsupported(model)
+        if why:
+            raise ConfigError(f"cannot fold this model: {why}")
+        config, base = model.config, model.base_model
+        emb = base.embeddings
+        with torch.no_grad():
+            self.trigram = bool(emb.trigram_input)
+            self.word_embeddings = nn.Parameter(emb.word_embeddings.weight.detach().clone(), requires_grad=False)
+            norm = emb.LayerNorm
+            d_h = _check_scale(norm.weight.double(), "the embeddings")
+            transformed = emb.trigram_input or config.embedding_size != config.hidden_size
+            self.transform = (nn.Parameter(emb.embedding_transformation.weight.detach().t().contiguous(),
+                                           requires_grad=False) if transformed else None)
+            shift = norm.bias.double() / d_h + (emb.embedding_transformation.bias.double() if transformed else 0)
+            self.positions = nn.Parameter((emb.position_embeddings.weight.double() + shift).float(),
+                                          requires_grad=False)
+            self.token_types = nn.Parameter(emb.token_type_embeddings.weight.detach().clone(), requires_grad=False)
+            layers = []
+            for i, layer in enumerate(base.encoder.layer):
+                layers.append(FoldedLayer(layer, d_h, config.hidden_act, i))
+                d_h = layers[-1].d_out
+            self.layers = nn.ModuleList(layers)
+            pooler = base.pooler.dense
+            self.pooler = Affine((pooler.weight.double() * d_h[None, :]).float(), pooler.bias.detach())
+            self.classifier = Affine(model.classifier.weight.detach(), model.classifier.bias.detach())
+            self.num_labels = model.classifier.out_features
+        self.mask_value = mask_value
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        batch, length = input_ids.shape
+        x = self.word_embeddings[input_ids]
+        if self.trigram:
+            x = torch.cat([nn.functional.pad(x[:, 1:], [0, 0, 0, 1, 0, 0]), x,
+                           nn.functional.pad(x[:, :-1], [0, 0, 1, 0, 0, 0])], dim=2)
+        if self.transform is not None:
+            x = torch.matmul(x, self.transform)
+        h = (x + self.positions[:length] + self.token_types[token_type_ids]).reshape(batch * length, -1)
+        mask = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * self.mask_value
+        for layer in self.layers:
+            h = layer(h, mask, batch, length)
+        first = h.reshape(batch, length, -1)[:, 0]
+        return self.classifier(torch.tanh(self.pooler(first)))
+
+
+# ---------------------------------------------------------------------------------------------- ONNX
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().contiguous().numpy()
+
+
+def _affine(g: Graph, x: str, affine: Affine, hint: str, bias: bool = True) -> str:
+    y = g.op("MatMul", [x, g.const(_np(affine.weight), f"{hint}.weight")], hint)
+    return g.op("Add", [y, g.const(_np(affine.bias), f"{hint}.bias")], hint) if bias else y
+
+
+def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None):
+    """The folded model as an ONNX graph written node by node (no tracing, no exporter): dynamic batch and
+    sequence axes (a fixed `length` when given: onnxruntime then folds the position lookup into a constant), the
+    inputs and output of the plain export, and one com.microsoft MultiHeadAttention per layer
+    (onnxruntime's fused attention kernel: the q/k/v biases, the scale and the key padding mask inside it)
+    instead of the dozen reshapes, transposes, MatMuls and the softmax of the traced attention."""
+    from onnx import TensorProto, helper
+
+    g = Graph("")
+    ids, mask, types = INPUTS
+    shape = g.op("Shape", [ids], "shape")  # [batch, length]
+    rows3 = g.op("Concat", [shape, g.const(np.array([-1]))], "rows3", axis=0)  # [batch, length, -1]
+    x = g.op("Gather", [g.const(_np(folded.word_embeddings), "word_embeddings"), ids], "words")
+    if folded.trigram:
+        one, zero, big = g.const(np.array([1])), g.const(np.array([0])), g.const(np.array([2**62]))
+        minus = g.const(np.array([-1]))
+        after = g.op("Slice", [x, one, big, one], "after")
+        before = g.op("Slice", [x, zero, minus, one], "before")
+        after = g.op("Pad", [after, g.const(np.array([0, 0, 0, 0, 1, 0]))], "after")
+        before = g.op("Pad", [before, g.const(np.array([0, 1, 0, 0, 0, 0]))], "before")
+        x = g.op("Concat", [after, x, before], "trigram", axis=2)
+    if folded.transform is not None:
+        x = g.op("MatMul", [x, g.const(_np(folded.transform), "embedding_transformation")], "transformed")
+    # a Gather of 0..L-1, not a Slice: the dynamic quantiser stores a gathered table in 8 bits
+    span = g.op("Range", [g.const(np.array(0)), g.op("Gather", [shape, g.const(np.array(1))], "length"),
+                          g.const(np.array(1))], "span")
+    positions = g.op("Gather", [g.const(_np(folded.positions), "positions"), span], "positions")
+    x = g.op("Add", [x, positions], "embedded")
+    x = g.op("Add", [x, g.op("Gather", [g.const(_np(folded.token_types), "token_types"), types], "types")])
+    h = g.op("Reshape", [x, g.const(np.array([-1, folded.positions.shape[1]]), "rows")], "hidden")  # [b·l, H]
+    key_mask = g.op("Cast", [mask], "key_mask", to=TensorProto.INT32)
+    for i, layer in enumerate(folded.layers):
+        p = f"layer.{i}."
+        n_a, n_s, n_v = layer.split
+        value_bias = _np(layer.readers.bias[n_a + n_s:])
+        readers_bias = _np(torch.cat([layer.readers.bias[:n_a + n_s], torch.zeros(n_v)]))
+        r = g.op("MatMul", [h, g.const(_np(layer.readers.weight), p + "readers.weight")], p + "readers")
+        r = g.op("Add", [r, g.const(readers_bias, p + "readers.bias")], p + "readers")
+        a, s, v = g.op("Split", [r, g.const(np.array(layer.split), p + "split")], p + "split", outputs=3, axis=1)
+        qk = g.op("Reshape", [_affine(g, s, layer.query_key, p + "query_key", bias=False), rows3], p + "qk")
+        q, k = g.op("Split", [qk], p + "qk", outputs=2, axis=2, num_outputs=2) if opset >= 18 else \
+            g.op("Split", [qk, g.const(np.array([n_v, n_v]))], p + "qk", outputs=2, axis=2)
+        v = g.op("Reshape", [v, rows3], p + "v")
+        bias = g.const(np.concatenate([_np(layer.query_key.bias), value_bias]), p + "attention.bias")
+        context = g.op("MultiHeadAttention", [q, k, v, bias, key_mask], p + "attention", domain="com.microsoft",
+                       num_heads=layer.heads, scale=1.0)
+        context = g.op("Reshape", [context, g.const(np.array([-1, n_v]), p + "rows")], p + "context")
+        x = g.op("Add", [_affine(g, context, layer.attention_output, p + "attention.output"), a], p + "residual")
+        for j, ffn in enumerate(layer.ffns):
+            f = f"{p}ffn.{j}."
+            inner = g.op("Relu" if ffn.act_name == "relu" else "Gelu", [_affine(g, x, ffn.intermediate, f + "in")],
+                         f + "act", **({} if ffn.act_name == "relu" else {"domain": "com.microsoft"}))
+            x = g.op("Add", [_affine(g, inner, ffn.output, f + "out"), x], f + "residual")
+        h = g.op("Add", [_affine(g, x, layer.output_bottleneck, p + "output_bottleneck"), h], p + "output")
+    first = g.op("Gather", [g.op("Reshape", [h, rows3], "hidden3"), g.const(np.array(0))], "first", axis=1)
+    pooled = g.op("Tanh", [_affine(g, first, folded.pooler, "pooler")], "pooled")
+    g.nodes.append(helper.make_node("Add", [g.op("MatMul", [pooled, g.const(_np(folded.classifier.weight),
+                                                                             "classifier.weight")]),
+                                            g.const(_np(folded.classifier.bias), "classifier.bias")],
+                                    ["logits"], name="classifier"))
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", length or "sequence"]) for n in INPUTS]
+    output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", folded.num_labels])
+    # onnx's shape inference does not know contrib ops: typing their outputs lets it (and the quantiser) go on
+    typed = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, ["batch", "sequence", n_v])
+             for n in g.nodes if n.op_type == "MultiHeadAttention"]
+    graph = helper.make_graph(g.nodes, "mobilebert_folded", inputs, [output], g.consts, value_info=typed)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                   helper.make_opsetid("com.microsoft", 1)],
+                             producer_name="mbconvert.folding")
+
+
+def folded_or_none(model) -> tuple[nn.Module | None, str | None]:
+    """(FoldedMobileBert, None), or (None, why not) for a model this module cannot fold."""
+    why = unsupported(model)
+    if why:
+        return None, why
+    try:
+        return FoldedMobileBert(model).eval(), None
+    except ConfigError as e:
+        return None, str(e)
+
+
+def stats(model) -> dict:
+    """What folding removed, per the model's config (for export.json)."""
+    config = model.config
+    ffn = max(config.num_feedforward_networks, 1)
+    return {"nonorms_folded": 1 + config.num_hidden_layers * (ffn + 4),  # embeddings; per layer: bottleneck
+            # input and shared, attention output, FFN outputs, output, output bottleneck
+            "projections_per_layer": {"before": 6 + 2 * ffn + 1, "after": 3 + 2 * ffn + 1}}
