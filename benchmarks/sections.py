@@ -1,5 +1,5 @@
 """Marked sections of benchmarks/RESULTS.md written by the single-purpose benchmark scripts (vocab.py,
-unlabelled.py, numerics.py, exports.py): each owns the text between `<!-- KIND:SUITE -->` and `<!-- /KIND:SUITE -->`, keeps
+unlabelled.py, numerics.py, exports.py, latency.py): each owns the text between `<!-- KIND:SUITE -->` and `<!-- /KIND:SUITE -->`, keeps
 its own copy in results/KIND-SUITE.md, and run.py's index rebuild puts every such copy back (`marked_copies`)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mbconvert.errors import ConfigError
 
-KINDS = ("vocab", "unlabelled", "numerics", "exports")
+KINDS = ("vocab", "unlabelled", "numerics", "exports", "latency", "throughput")
 
 
 def marker(kind: str, suite: str, closing: bool = False) -> str:

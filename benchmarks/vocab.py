@@ -66,7 +66,7 @@ def convert_variant(name: str, prune: bool, student: Path, data: Path, train, re
     print(f"--- {name}: convert and recover ({args.steps} steps) → {out}", flush=True)
     t0 = time.time()
     conversion = convert_checkpoint(str(student), out, ConvertConfig(bottleneck=args.bottleneck, prune_vocab=prune,
-                                                                     seed=args.seed),
+                                                                     seed=args.seed, ffn=args.ffn),
                                     train=train, eval_data=data / "dev.jsonl", recovery=recovery,
                                     run=RunOptions(threads=args.threads, cache_dir=str(work / "cache")),
                                     vocab_from=data / "train.jsonl" if prune else None)
@@ -172,7 +172,7 @@ def run(args) -> dict:
                         "threads": args.threads},
             "versions": versions("onnx", "onnxruntime"),
             "settings": {"student": str(student), "data": str(data), "steps": args.steps, "seed": args.seed,
-                         "bottleneck": args.bottleneck, "train_rows": len(train), "test_rows": len(test),
+                         "bottleneck": args.bottleneck, "ffn": args.ffn, "train_rows": len(train), "test_rows": len(test),
                          "vocab_from": "train.jsonl, all rows", "vocab_min_count": 1,
                          "recovery_config": recovery.to_dict(), "work": str(work)},
             "variants": rows, "pruned_vs_unpruned": diff, "targets": targets(args.suite, rows, diff)}
@@ -203,7 +203,8 @@ def render(results: dict, command: str) -> str:
             f(r["accuracy_int8"]), *delta]) + " |")
     rc, p, pr = s["recovery_config"], d["paired_pytorch_fp32"], rows["pruned"]
     lo, hi = p["ci95_points"]
-    lines += ["", f"Both from `{_shown(s['student'])}`, bottleneck {s['bottleneck']}, seed {s['seed']}; the same "
+    lines += ["", f"Both from `{_shown(s['student'])}`, bottleneck {s['bottleneck']}, "
+              f"{s.get('ffn', 4)} stacked FFNs per layer, seed {s['seed']}; the same "
               f"recovery: {rc['steps']} steps (layer-wise share {rc['layerwise_share']:g}, batch {rc['batch_size']}, "
               f"task LR {rc['lr']:g}, bf16 {'on' if rc['bf16'] else 'off'}, token-mixed rows {rc['mix_rows']:g}, keep "
               f"{rc['keep']}, no early stop) on {s['train_rows']:,} training rows"
@@ -255,16 +256,19 @@ def main() -> None:
                         "vocab-<suite>.{json,md} go to results/ beside it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bottleneck", type=int, default=128, help="MobileBERT bottleneck (default 128)")
+    p.add_argument("--ffn", type=int, default=4, help="MobileBERT stacked FFNs per layer (default 4; another value "
+                                                      "writes the section vocab:<suite>-ffn<N>)")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)")
     args = p.parse_args()
-    for name in ("steps", "train_rows", "bottleneck", "threads"):
+    section = args.suite if args.ffn == 4 else f"{args.suite}-ffn{args.ffn}"
+    for name in ("steps", "train_rows", "bottleneck", "threads", "ffn"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, not {value}")
     command = shlex.join(["python", "benchmarks/vocab.py", *sys.argv[1:]])
     start = time.time()
     try:  # bad markers fail now, not after the run
-        section_bounds(args.results.read_text(encoding="utf-8") if args.results.is_file() else "", "vocab", args.suite,
+        section_bounds(args.results.read_text(encoding="utf-8") if args.results.is_file() else "", "vocab", section,
                        str(args.results))
         results = run(args)
     except MbconvertError as e:
@@ -272,12 +276,12 @@ def main() -> None:
     results["wall_s"], results["command"] = time.time() - start, command
     folder = args.results.parent / "results"
     folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"vocab-{args.suite}"
+    stem = folder / f"vocab-{section}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str),
                                          encoding="utf-8")
     body = render(results, command)
     stem.with_suffix(".md").write_text(body, encoding="utf-8")
-    write_section(args.results, "vocab", args.suite, body)
+    write_section(args.results, "vocab", section, body)
     print(body)
 
 
