@@ -18,8 +18,9 @@ NoNorm, key_query_shared_bottleneck, no bottleneck attention) with fewer operato
 - **2-D tokens.** The encoder runs on [batch·length, width] rows, where onnxruntime fuses MatMul + Add into Gemm
   (and Gemm + ReLU) in FP32; every projection is written as MatMul + Add so dynamic INT8 quantises it
   (onnxruntime's dynamic quantiser handles MatMul, not Gemm) and fuses the bias into DynamicQuantizeMatMul.
-- **Embeddings.** The embedding transformation's bias and the embedding NoNorm's shift are folded into the
-  position table (positions 0..L-1, as transformers numbers them).
+- **Embeddings.** The embedding NoNorm's shift joins the embedding transformation's bias (kept apart from the
+  position table, which the dynamic quantiser stores in 8 bits with one scale: a shift there would cost the
+  positions their resolution).
 
 What it refuses (`unsupported`) is exported through the plain wrapper instead. A NoNorm weight that is zero, or
 products of weights outside [1e-6, 1e6], would make the rescaled streams ill-conditioned: refused too.
@@ -59,8 +60,8 @@ class Affine(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
-        self.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
-        self.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+        self.weight = nn.Parameter(weight.detach().float().t().contiguous().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().float().contiguous().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(x, self.weight) + self.bias
@@ -162,16 +163,18 @@ class FoldedMobileBert(nn.Module):
         emb = base.embeddings
         with torch.no_grad():
             self.trigram = bool(emb.trigram_input)
-            self.word_embeddings = nn.Parameter(emb.word_embeddings.weight.detach().clone(), requires_grad=False)
+            self.word_embeddings = nn.Parameter(emb.word_embeddings.weight.detach().float().clone(),
+                                                requires_grad=False)
             norm = emb.LayerNorm
             d_h = _check_scale(norm.weight.double(), "the embeddings")
             transformed = emb.trigram_input or config.embedding_size != config.hidden_size
-            self.transform = (nn.Parameter(emb.embedding_transformation.weight.detach().t().contiguous(),
+            self.transform = (nn.Parameter(emb.embedding_transformation.weight.detach().float().t().contiguous(),
                                            requires_grad=False) if transformed else None)
             shift = norm.bias.double() / d_h + (emb.embedding_transformation.bias.double() if transformed else 0)
-            self.positions = nn.Parameter((emb.position_embeddings.weight.double() + shift).float(),
-                                          requires_grad=False)
-            self.token_types = nn.Parameter(emb.token_type_embeddings.weight.detach().clone(), requires_grad=False)
+            self.shift = nn.Parameter(shift.float(), requires_grad=False)
+            self.positions = nn.Parameter(emb.position_embeddings.weight.detach().float().clone(), requires_grad=False)
+            self.token_types = nn.Parameter(emb.token_type_embeddings.weight.detach().float().clone(),
+                                            requires_grad=False)
             layers = []
             for i, layer in enumerate(base.encoder.layer):
                 layers.append(FoldedLayer(layer, d_h, config.hidden_act, i))
@@ -191,7 +194,7 @@ class FoldedMobileBert(nn.Module):
                            nn.functional.pad(x[:, :-1], [0, 0, 1, 0, 0, 0])], dim=2)
         if self.transform is not None:
             x = torch.matmul(x, self.transform)
-        h = (x + self.positions[:length] + self.token_types[token_type_ids]).reshape(batch * length, -1)
+        h = (x + self.shift + self.positions[:length] + self.token_types[token_type_ids]).reshape(batch * length, -1)
         mask = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * self.mask_value
         for layer in self.layers:
             h = layer(h, mask, batch, length)
@@ -205,7 +208,7 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().contiguous().numpy()
+    return t.detach().float().cpu().contiguous().numpy()
 
 
 def _affine(g: Graph, x: str, affine: Affine, hint: str, bias: bool = True) -> str:
@@ -240,6 +243,7 @@ def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None
     span = g.op("Range", [g.const(np.array(0)), g.op("Gather", [shape, g.const(np.array(1))], "length"),
                           g.const(np.array(1))], "span")
     positions = g.op("Gather", [g.const(_np(folded.positions), "positions"), span], "positions")
+    x = g.op("Add", [x, g.const(_np(folded.shift), "embedding_shift")], "shifted")  # the transformation's bias
     x = g.op("Add", [x, positions], "embedded")
     x = g.op("Add", [x, g.op("Gather", [g.const(_np(folded.token_types), "token_types"), types], "types")])
     h = g.op("Reshape", [x, g.const(np.array([-1, folded.positions.shape[1]]), "rows")], "hidden")  # [b·l, H]
@@ -276,7 +280,7 @@ def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", length or "sequence"]) for n in INPUTS]
     output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", folded.num_labels])
     # onnx's shape inference does not know contrib ops: typing their outputs lets it (and the quantiser) go on
-    typed = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, ["batch", "sequence", n_v])
+    typed = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, ["batch", length or "sequence", n_v])
              for n in g.nodes if n.op_type == "MultiHeadAttention"]
     graph = helper.make_graph(g.nodes, "mobilebert_folded", inputs, [output], g.consts, value_info=typed)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),

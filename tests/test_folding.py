@@ -95,6 +95,31 @@ def test_folded_onnx_graph_gives_transformers_logits_at_any_batch_and_length(sha
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("length", [1, 2])
+def test_the_shortest_texts_give_transformers_logits(length, tmp_path):
+    """One or two tokens: the trigram's shifted copies are empty or one token wide."""
+    model = mobilebert()
+    ids = torch.tensor([[101, 300], [101, 250]])[:, :length]
+    data = Encoded(ids, torch.ones_like(ids), torch.zeros_like(ids), None)
+    assert np.abs(onnx_logits(model, data, tmp_path) - reference(model, data).numpy()).max() <= FP32_ATOL
+
+
+@pytest.mark.parametrize("opset, length", [(17, None), (18, 17), (21, None)], ids=["opset17", "fixed", "opset21"])
+def test_opsets_and_a_fixed_length(opset, length, tmp_path):
+    """Split's two spellings (sizes as an input before opset 18, num_outputs from 18) and a fixed sequence axis."""
+    import onnx
+
+    from mbconvert.export import onnx_session
+
+    model, data = mobilebert(), batch(4, 17)
+    proto = to_onnx(FoldedMobileBert(model), opset, length=length)
+    onnx.checker.check_model(proto)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value == (length or 0)
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    got = onnx_session(tmp_path / "m.onnx").run(["logits"], {k: getattr(data, k).numpy() for k in FEEDS})[0]
+    assert np.abs(got - reference(model, data).numpy()).max() <= FP32_ATOL
+
+
 def test_the_folded_graph_has_no_nonorm_and_one_fused_attention_per_layer():
     model = mobilebert()
     proto = to_onnx(FoldedMobileBert(model))
