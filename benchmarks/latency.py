@@ -258,6 +258,7 @@ def slowdown(files: dict, args, work: Path) -> dict:
 
     def measured(label: str) -> dict:
         threads_before = {t.id: t.user_time + t.system_time for t in me.threads()}
+        steal = bench.steal_s()
         others_before = _others_cpu(me.pid)
         mhz = _cpu_mhz()
         start = time.time()
@@ -269,6 +270,7 @@ def slowdown(files: dict, args, work: Path) -> dict:
                 "parent_cpu_s_during_child": round(busy, 3), "child_wall_s": round(wall, 1),
                 "other_processes_cpu_s": round(sum(max(0.0, v - others_before.get(k, 0.0)) for k, v in others.items())
                                                , 2),
+                "steal_s_during_child": round(bench.steal_s() - steal, 2) if steal is not None else None,
                 "parent_threads": len(me.threads()), "loadavg_1min": os.getloadavg()[0], "cpu_mhz_before": mhz,
                 "cpu_mhz_after": _cpu_mhz(),
                 "environment_changes": sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))}
@@ -317,6 +319,11 @@ def _others_cpu(me: int) -> dict:
 def run(args) -> dict:
     work = args.work or Path(tempfile.mkdtemp(prefix=f"bench-latency-{args.suite}-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.slowdown_only:  # the files of an earlier run in --work; only the slowdown check, added to its results
+        previous = json.loads((args.results.parent / "results" / f"latency-{args.suite}.json").read_text())
+        files = {"mobile folded INT8": work / "mobile.folded.int8.onnx",
+                 "mobile plain INT8": work / "mobile.plain.int8.onnx", "student INT8": work / "student.int8.onnx"}
+        return previous | {"slowdown": slowdown(files, args, work)}
     t0 = time.time()
     files, facts = build_files(args, work)
     print(f"files built in {time.time() - t0:.0f} s", file=sys.stderr)
@@ -328,6 +335,7 @@ def run(args) -> dict:
     spec = work / "latency.json"
     spec.write_text(json.dumps({"models": {n: str(p) for n, p in files.items()}, "length": args.length,
                                 "batches": [1, 32], "rounds": args.rounds, "repeats": 40}), encoding="utf-8")
+    bench.cool_down()  # the accuracy runs and profiles just kept both cores busy
     latency = latency_child(spec)
     print(f"latency in {time.time() - t0:.0f} s", file=sys.stderr)
     peak = peak_macs_per_s(work)
@@ -394,12 +402,12 @@ def render(r: dict, command: str) -> str:
     if r.get("slowdown"):
         lines += ["", "In-run slowdown check (the same latency child, batch 1, 3 rounds × 100 runs):", "",
                   "| launched | " + " | ".join(r["slowdown"]["runs"][0]["latency_b1_ms"]) +
-                  " | parent CPU s while the child ran | load avg |",
-                  "|---|" + "---|" * (len(r["slowdown"]["runs"][0]["latency_b1_ms"]) + 2)]
+                  " | parent CPU s while the child ran | other processes' CPU s | steal s | load avg |",
+                  "|---|" + "---|" * (len(r["slowdown"]["runs"][0]["latency_b1_ms"]) + 4)]
         for s in r["slowdown"]["runs"]:
             lines.append(f"| {s['when']} | " + " | ".join(f"{v:.3f}" for v in s["latency_b1_ms"].values()) +
                          f" | {s['parent_cpu_s_during_child']} | {s['other_processes_cpu_s']} | "
-                         f"{s['cpu_mhz_before']} → {s['cpu_mhz_after']} | {s['loadavg_1min']:.2f} |")
+                         f"{s.get('steal_s_during_child')} | {s['loadavg_1min']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -430,6 +438,8 @@ def main() -> None:
     p.add_argument("--burn-s", type=float, default=60.0)
     p.add_argument("--pause-s", type=float, default=30.0)
     p.add_argument("--work", type=Path)
+    p.add_argument("--slowdown-only", action="store_true", help="rerun only the in-run slowdown check on the files "
+                                                                   "an earlier run left in --work")
     p.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     p.add_argument("--latency-of", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()

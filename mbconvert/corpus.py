@@ -140,7 +140,9 @@ class _Source:
     def _load(self, path: Path, kind: str, cache: Path):
         from datasets import Features, Value, load_dataset
 
-        common = dict(data_files=str(path), cache_dir=str(cache / "datasets"), split="train")
+        # datasets keys its own Arrow copy by path and modification time: under the content hash, a file rewritten
+        # with another content and the same mtime (cp -p, rsync -t) is never read back from a stale copy
+        common = dict(data_files=str(path), cache_dir=str(cache / "datasets" / self.hash[:32]), split="train")
         if self.lines:  # one text per line, blank lines skipped
             raw = load_dataset("text", chunksize=READ_CHUNK, **common)
             return raw.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
@@ -241,7 +243,8 @@ def open_corpus(train, unlabelled, tokenizer, label2id=None, num_labels=None, *,
         if unlabelled is not None:
             sources.append(_Source(unlabelled, root, True))
         vocab = sorted(tokenizer.get_vocab().items())
-        key = content_key(VERSION, [(s.hash, s.lines) for s in sources], label2id, num_labels, max_length, cap, vocab,
+        key = content_key(VERSION, [(s.hash, s.lines, s.kind) for s in sources], label2id, num_labels, max_length,
+                          cap, vocab,
                           type(tokenizer).__name__, getattr(tokenizer, "do_lower_case", None))
         folder = root / f"corpus-{key}"
         if not (folder / "corpus.json").is_file():
