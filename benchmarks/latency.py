@@ -78,13 +78,15 @@ def build_files(args, work: Path) -> tuple[dict, dict]:
     folded = FoldedMobileBert(mobile).eval()
     onnx.save(to_onnx(folded, 18), str(work / "mobile.folded.onnx"))
     files["mobile folded"] = work / "mobile.folded.onnx"
+    onnx.save(to_onnx(folded, 18, layout="batch"), str(work / "mobile.folded-batch.onnx"))  # what export quantises
     for name in list(files):
         path = files[name]
-        quantize_onnx(path, path.with_suffix(".int8.onnx"), calib, static=False)
+        source = work / "mobile.folded-batch.onnx" if name == "mobile folded" else path
+        quantize_onnx(source, path.with_suffix(".int8.onnx"), calib, static=False)
         files[f"{name} INT8"] = path.with_suffix(".int8.onnx")
         if name.startswith("mobile") or name == "student":
             try:
-                quantize_onnx(path, path.with_suffix(".qdq.onnx"), calib, static=True)
+                quantize_onnx(source, path.with_suffix(".qdq.onnx"), calib, static=True)
                 files[f"{name} INT8 static"] = path.with_suffix(".qdq.onnx")
             except Exception as e:  # noqa: BLE001
                 print(f"static INT8 of {name} failed: {e}", file=sys.stderr)

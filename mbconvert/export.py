@@ -396,7 +396,20 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
         out["onnx"]["warning"] = "; ".join(problems)
     if "onnx-int8" in config.formats:
         int8 = tmp / "model.int8.onnx"
-        quantize_onnx(fp32, int8, inputs, config.int8_static)
+        if exporter["graph"] == "folded":  # the same folded graph on [batch, length, width]: no reshapes around the
+            from .folding import FoldedMobileBert, to_onnx  # attention once each MatMul + Add is one quantised op
+
+            import onnx
+
+            source = tmp / "int8-source.onnx"
+            onnx.save(to_onnx(FoldedMobileBert(model), config.opset, length=config.seq_len, layout="batch"),
+                      str(source))
+            try:
+                quantize_onnx(source, int8, inputs, config.int8_static)
+            finally:
+                source.unlink(missing_ok=True)
+        else:
+            quantize_onnx(fp32, int8, inputs, config.int8_static)
         stamp_onnx(int8, model)
         logits = onnx_logits(int8, inputs, config.threads)
         acc32, acc8 = out["onnx"]["accuracy"], accuracy(logits, inputs.labels)

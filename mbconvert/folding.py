@@ -12,12 +12,14 @@ NoNorm, key_query_shared_bottleneck, no bottleneck attention) with fewer operato
   b / D' folded into dense'; the readers of a stream take D on their input columns. No NoNorm operator is left:
   the residual adds are plain adds. (The same per-stream algebra as mbconvert.fp16, with D = the NoNorm weights
   instead of powers of two; FP32 logits agree to rounding, see tests/test_folding.py.)
-- **One projection per input.** The bottleneck input, the shared q/k bottleneck and the values all read the layer
-  input h: one [H → 3B] MatMul; the queries and keys read the shared bottleneck: one [B → 2B] MatMul, with the
-  attention scale 1/√d folded into the query rows.
-- **2-D tokens.** The encoder runs on [batch·length, width] rows, where onnxruntime fuses MatMul + Add into Gemm
-  (and Gemm + ReLU) in FP32; every projection is written as MatMul + Add so dynamic INT8 quantises it
-  (onnxruntime's dynamic quantiser handles MatMul, not Gemm) and fuses the bias into DynamicQuantizeMatMul.
+- **One projection per layer input.** The bottleneck input, the queries, the keys and the values all read the layer
+  input h: one [H → 4B] MatMul. The shared q/k bottleneck s = NoNorm(W_s h + b_s) is affine in h and read only by
+  the query and key projections, so it is folded into them (q = (W_q W_s) h + W_q b_s + b_q; the attention scale
+  1/√d in the query rows).
+- **Layouts.** model.onnx runs the encoder on [batch·length, width] rows, where onnxruntime fuses MatMul + Add into
+  Gemm (and Gemm + ReLU) in FP32; the INT8 file is quantised from the same graph on [batch, length, width]
+  (`layout="batch"`), where DynamicQuantizeMatMul takes the bias anyway and the attention needs no reshape. Every
+  projection is written as MatMul + Add, which the dynamic quantiser handles (it does not quantise Gemm).
 - **Embeddings.** The embedding NoNorm's shift joins the embedding transformation's bias (kept apart from the
   position table, which the dynamic quantiser stores in 8 bits with one scale: a shift there would cost the
   positions their resolution).
@@ -109,20 +111,22 @@ class FoldedLayer(nn.Module):
         self.heads, self.head_size = att.self.num_attention_heads, att.self.attention_head_size
         width = self.heads * self.head_size
         d_a = _check_scale(bneck.input.LayerNorm.weight.double(), f"layer {index}'s bottleneck input")
-        # the three readers of h, one MatMul: ã (bottleneck input / d_a), the shared q/k input s (exact), v
+        # everything that reads h, one MatMul: ã (the bottleneck input / d_a), the queries and keys (the shared q/k
+        # bottleneck s = NoNorm(W_s h + b_s) is affine in h and read by nothing else: q = W_q s + b_q is folded to
+        # (W_q W_s) h + (W_q b_s + b_q), with the attention scale 1/√d in the query rows) and the values
         inp, shared, value = bneck.input, bneck.attention, att.self.value
         w_a = inp.dense.weight.double() * d_h[None, :]
         b_a = inp.dense.bias.double() + inp.LayerNorm.bias.double() / d_a
         w_s = shared.LayerNorm.weight.double()[:, None] * shared.dense.weight.double() * d_h[None, :]
         b_s = shared.LayerNorm.weight.double() * shared.dense.bias.double() + shared.LayerNorm.bias.double()
-        w_v = value.weight.double() * d_h[None, :]
-        self.readers = Affine(torch.cat([w_a, w_s, w_v]).float(),
-                              torch.cat([b_a, b_s, value.bias.double()]).float())
-        self.split = (w_a.shape[0], w_s.shape[0], w_v.shape[0])
         scale = self.head_size ** -0.5
         q, k = att.self.query, att.self.key
-        self.query_key = Affine(torch.cat([q.weight.double() * scale, k.weight.double()]).float(),
-                                torch.cat([q.bias.double() * scale, k.bias.double()]).float())
+        w_q, b_q = scale * q.weight.double() @ w_s, scale * (q.weight.double() @ b_s + q.bias.double())
+        w_k, b_k = k.weight.double() @ w_s, k.weight.double() @ b_s + k.bias.double()
+        w_v = value.weight.double() * d_h[None, :]
+        self.readers = Affine(torch.cat([w_a, w_q, w_k, w_v]).float(),
+                              torch.cat([b_a, b_q, b_k, value.bias.double()]).float())
+        self.split = (w_a.shape[0], width, width, width)
         d = _check_scale(att.output.LayerNorm.weight.double() * d_a, f"layer {index}'s attention output")
         self.attention_output = _folded_dense(att.output.dense, None, d_a, att.output.LayerNorm, d)
         ffns = []
@@ -136,13 +140,11 @@ class FoldedLayer(nn.Module):
         up = layer.output.bottleneck
         self.d_out = _check_scale(up.LayerNorm.weight.double() * d_h, f"layer {index}'s output bottleneck")
         self.output_bottleneck = _folded_dense(up.dense, d_u, d_h, up.LayerNorm, self.d_out)
-        assert width == self.split[2]
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-        a, s, v = torch.split(self.readers(h), self.split, dim=-1)
-        qk = self.query_key(s).reshape(batch, length, 2, self.heads, self.head_size).permute(2, 0, 3, 1, 4)
-        v = v.reshape(batch, length, self.heads, self.head_size).transpose(1, 2)
-        scores = torch.matmul(qk[0], qk[1].transpose(-1, -2)) + mask
+        a, q, k, v = torch.split(self.readers(h), self.split, dim=-1)
+        q, k, v = (t.reshape(batch, length, self.heads, self.head_size).transpose(1, 2) for t in (q, k, v))
+        scores = torch.matmul(q, k.transpose(-1, -2)) + mask
         context = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(batch * length, -1)
         x = self.attention_output(context) + a
         for ffn in self.ffns:
@@ -216,18 +218,28 @@ def _affine(g: Graph, x: str, affine: Affine, hint: str, bias: bool = True) -> s
     return g.op("Add", [y, g.const(_np(affine.bias), f"{hint}.bias")], hint) if bias else y
 
 
-def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None):
+LAYOUTS = ("rows", "batch")
+
+
+def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None, layout: str = "rows"):
     """The folded model as an ONNX graph written node by node (no tracing, no exporter): dynamic batch and
     sequence axes (a fixed `length` when given: onnxruntime then folds the position lookup into a constant), the
-    inputs and output of the plain export, and one com.microsoft MultiHeadAttention per layer
-    (onnxruntime's fused attention kernel: the q/k/v biases, the scale and the key padding mask inside it)
-    instead of the dozen reshapes, transposes, MatMuls and the softmax of the traced attention."""
+    inputs and output of the plain export, and one com.microsoft MultiHeadAttention per layer (onnxruntime's fused
+    attention kernel, the key padding mask inside it) instead of the dozen reshapes, transposes, MatMuls and the
+    softmax of the traced attention.
+
+    `layout`: "rows" runs the encoder on [batch·length, width] rows, where onnxruntime fuses each MatMul + Add into
+    a Gemm (FP32: model.onnx); "batch" keeps [batch, length, width], where the dynamic quantiser's
+    DynamicQuantizeMatMul takes the bias anyway and the attention needs no reshapes (the INT8 file's source)."""
     from onnx import TensorProto, helper
 
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    rows = layout == "rows"
     g = Graph("")
     ids, mask, types = INPUTS
     shape = g.op("Shape", [ids], "shape")  # [batch, length]
-    rows3 = g.op("Concat", [shape, g.const(np.array([-1]))], "rows3", axis=0)  # [batch, length, -1]
+    rows3 = g.op("Concat", [shape, g.const(np.array([-1]))], "rows3", axis=0) if rows else None  # [batch, length, -1]
     x = g.op("Gather", [g.const(_np(folded.word_embeddings), "word_embeddings"), ids], "words")
     if folded.trigram:
         one, zero, big = g.const(np.array([1])), g.const(np.array([0])), g.const(np.array([2**62]))
@@ -245,25 +257,22 @@ def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None
     positions = g.op("Gather", [g.const(_np(folded.positions), "positions"), span], "positions")
     x = g.op("Add", [x, g.const(_np(folded.shift), "embedding_shift")], "shifted")  # the transformation's bias
     x = g.op("Add", [x, positions], "embedded")
-    x = g.op("Add", [x, g.op("Gather", [g.const(_np(folded.token_types), "token_types"), types], "types")])
-    h = g.op("Reshape", [x, g.const(np.array([-1, folded.positions.shape[1]]), "rows")], "hidden")  # [b·l, H]
+    h = g.op("Add", [x, g.op("Gather", [g.const(_np(folded.token_types), "token_types"), types], "types")])
+    if rows:
+        h = g.op("Reshape", [h, g.const(np.array([-1, folded.positions.shape[1]]), "rows")], "hidden")  # [b·l, H]
     key_mask = g.op("Cast", [mask], "key_mask", to=TensorProto.INT32)
+    width = folded.layers[0].split[-1]
     for i, layer in enumerate(folded.layers):
         p = f"layer.{i}."
-        n_a, n_s, n_v = layer.split
-        value_bias = _np(layer.readers.bias[n_a + n_s:])
-        readers_bias = _np(torch.cat([layer.readers.bias[:n_a + n_s], torch.zeros(n_v)]))
-        r = g.op("MatMul", [h, g.const(_np(layer.readers.weight), p + "readers.weight")], p + "readers")
-        r = g.op("Add", [r, g.const(readers_bias, p + "readers.bias")], p + "readers")
-        a, s, v = g.op("Split", [r, g.const(np.array(layer.split), p + "split")], p + "split", outputs=3, axis=1)
-        qk = g.op("Reshape", [_affine(g, s, layer.query_key, p + "query_key", bias=False), rows3], p + "qk")
-        q, k = g.op("Split", [qk], p + "qk", outputs=2, axis=2, num_outputs=2) if opset >= 18 else \
-            g.op("Split", [qk, g.const(np.array([n_v, n_v]))], p + "qk", outputs=2, axis=2)
-        v = g.op("Reshape", [v, rows3], p + "v")
-        bias = g.const(np.concatenate([_np(layer.query_key.bias), value_bias]), p + "attention.bias")
-        context = g.op("MultiHeadAttention", [q, k, v, bias, key_mask], p + "attention", domain="com.microsoft",
-                       num_heads=layer.heads, scale=1.0)
-        context = g.op("Reshape", [context, g.const(np.array([-1, n_v]), p + "rows")], p + "context")
+        split = g.const(np.array(layer.split), p + "split")
+        a, q, k, v = g.op("Split", [_affine(g, h, layer.readers, p + "readers"), split], p + "split", outputs=4,
+                          axis=-1)
+        if rows:
+            q, k, v = (g.op("Reshape", [t, rows3], p + n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
+        context = g.op("MultiHeadAttention", [q, k, v, "", key_mask], p + "attention", domain="com.microsoft",
+                       num_heads=layer.heads, scale=1.0)  # the biases are the readers', the scale is in q
+        if rows:
+            context = g.op("Reshape", [context, g.const(np.array([-1, width]), p + "rows")], p + "context")
         x = g.op("Add", [_affine(g, context, layer.attention_output, p + "attention.output"), a], p + "residual")
         for j, ffn in enumerate(layer.ffns):
             f = f"{p}ffn.{j}."
@@ -271,7 +280,9 @@ def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None
                          f + "act", **({} if ffn.act_name == "relu" else {"domain": "com.microsoft"}))
             x = g.op("Add", [_affine(g, inner, ffn.output, f + "out"), x], f + "residual")
         h = g.op("Add", [_affine(g, x, layer.output_bottleneck, p + "output_bottleneck"), h], p + "output")
-    first = g.op("Gather", [g.op("Reshape", [h, rows3], "hidden3"), g.const(np.array(0))], "first", axis=1)
+    if rows:
+        h = g.op("Reshape", [h, rows3], "hidden3")
+    first = g.op("Gather", [h, g.const(np.array(0))], "first", axis=1)
     pooled = g.op("Tanh", [_affine(g, first, folded.pooler, "pooler")], "pooled")
     g.nodes.append(helper.make_node("Add", [g.op("MatMul", [pooled, g.const(_np(folded.classifier.weight),
                                                                              "classifier.weight")]),
@@ -280,7 +291,7 @@ def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", length or "sequence"]) for n in INPUTS]
     output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", folded.num_labels])
     # onnx's shape inference does not know contrib ops: typing their outputs lets it (and the quantiser) go on
-    typed = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, ["batch", length or "sequence", n_v])
+    typed = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, ["batch", length or "sequence", width])
              for n in g.nodes if n.op_type == "MultiHeadAttention"]
     graph = helper.make_graph(g.nodes, "mobilebert_folded", inputs, [output], g.consts, value_info=typed)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
@@ -305,4 +316,4 @@ def stats(model) -> dict:
     ffn = max(config.num_feedforward_networks, 1)
     return {"nonorms_folded": 1 + config.num_hidden_layers * (ffn + 4),  # embeddings; per layer: bottleneck
             # input and shared, attention output, FFN outputs, output, output bottleneck
-            "projections_per_layer": {"before": 6 + 2 * ffn + 1, "after": 3 + 2 * ffn + 1}}
+            "projections_per_layer": {"before": 6 + 2 * ffn + 1, "after": 2 + 2 * ffn + 1}}
