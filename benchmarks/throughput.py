@@ -75,7 +75,11 @@ def render(r: dict, command: str) -> str:
         lines.append(f"| {x['processes']} × {x['threads_per_process']} | {x['teacher_logits_s']} s | "
                      f"{x['teacher_texts_per_s']} | {x['train_s']} s for {x['steps']} steps | {x['steps_per_s']} |")
     one_, two = r["runs"]
-    lines += ["", f"On this 2-core machine two processes share the same two cores, so DDP buys nothing here "
+    epoch = 1_000_000 / one_["teacher_texts_per_s"] / 60, 1_000_000 / (one_["steps_per_s"] * 32) / 60
+    lines += ["", f"One epoch over 1M texts on this machine, extrapolated from the 1-process rates above (not measured): "
+                  f"the teacher-logit pass {epoch[0]:.0f} min, then {epoch[1]:.0f} min of training at batch 32 "
+                  "(texts this short; longer texts cost more per step).", "",
+              f"On this 2-core machine two processes share the same two cores, so DDP buys nothing here "
                   f"(steps/s ×{two['steps_per_s'] / one_['steps_per_s']:.2f}); what it shows is that the path runs and "
                   "what it costs. The speed-up belongs on several GPUs or machines (not lent to this project)."]
     return "\n".join(lines) + "\n"
