@@ -43,13 +43,12 @@ SCALE_RANGE = (1e-6, 1e6)  # products of NoNorm weights a stream may be carried 
 
 def unsupported(model) -> str | None:
     """Why `model` cannot be folded (None: it can)."""
-    config = getattr(model, "config", None)
-    if type(model).__name__ != "MobileBertForSequenceClassification":
-        return f"{type(model).__name__} is not a MobileBertForSequenceClassification"
-    if config.normalization_type != "no_norm":
-        return f"normalization_type {config.normalization_type} (only NoNorm folds into linear layers)"
-    if not config.use_bottleneck or config.use_bottleneck_attention or not config.key_query_shared_bottleneck:
-        return "only use_bottleneck, key_query_shared_bottleneck, no bottleneck attention (mbconvert's MobileBERT)"
+    from .fp16 import unsupported as not_rescalable  # the same streams, so the same layouts
+
+    why = not_rescalable(model, layer_norm="only NoNorm folds into linear layers")
+    if why:
+        return why
+    config = model.config
     if not config.classifier_activation:
         return "classifier_activation=False"
     if config.hidden_act not in ("relu", "gelu"):

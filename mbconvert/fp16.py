@@ -316,13 +316,14 @@ def _summary(before: dict, after: dict) -> dict:
             "head": pair(before["head"], after["head"])}
 
 
-def unsupported(model) -> str | None:
-    """Why `make_fp16_safe` cannot rescale `model` (None: it can)."""
+def unsupported(model, layer_norm: str = "LayerNorm bounds its own outputs, nothing to do") -> str | None:
+    """Why `make_fp16_safe` cannot rescale `model` (None: it can); mbconvert.folding's per-stream rescaling asks the
+    same, with its own word for a LayerNorm model (`layer_norm`)."""
     config = getattr(model, "config", None)
     if type(model).__name__ != "MobileBertForSequenceClassification":
         return f"{type(model).__name__} is not a MobileBertForSequenceClassification"
     if config.normalization_type != "no_norm":
-        return f"normalization_type {config.normalization_type}: LayerNorm bounds its own outputs, nothing to do"
+        return f"normalization_type {config.normalization_type}: {layer_norm}"
     if not config.use_bottleneck or config.use_bottleneck_attention or not config.key_query_shared_bottleneck:
         return ("only use_bottleneck=True, key_query_shared_bottleneck=True, use_bottleneck_attention=False "
                 "(mbconvert's MobileBERT) is supported")
