@@ -66,7 +66,8 @@ def convert_variant(name: str, prune: bool, student: Path, data: Path, train, re
     print(f"--- {name}: convert and recover ({args.steps} steps) → {out}", flush=True)
     t0 = time.time()
     conversion = convert_checkpoint(str(student), out, ConvertConfig(bottleneck=args.bottleneck, prune_vocab=prune,
-                                                                     seed=args.seed, ffn=args.ffn),
+                                                                     seed=args.seed, ffn=args.ffn,
+                                                                     vocab_size=args.vocab_size if prune else None),
                                     train=train, eval_data=data / "dev.jsonl", recovery=recovery,
                                     run=RunOptions(threads=args.threads, cache_dir=str(work / "cache")),
                                     vocab_from=data / "train.jsonl" if prune else None)
@@ -172,7 +173,8 @@ def run(args) -> dict:
                         "threads": args.threads},
             "versions": versions("onnx", "onnxruntime"),
             "settings": {"student": str(student), "data": str(data), "steps": args.steps, "seed": args.seed,
-                         "bottleneck": args.bottleneck, "ffn": args.ffn, "train_rows": len(train), "test_rows": len(test),
+                         "bottleneck": args.bottleneck, "ffn": args.ffn, "vocab_size_cap": args.vocab_size,
+                         "train_rows": len(train), "test_rows": len(test),
                          "vocab_from": "train.jsonl, all rows", "vocab_min_count": 1,
                          "recovery_config": recovery.to_dict(), "work": str(work)},
             "variants": rows, "pruned_vs_unpruned": diff, "targets": targets(args.suite, rows, diff)}
@@ -209,9 +211,13 @@ def render(results: dict, command: str) -> str:
               f"task LR {rc['lr']:g}, bf16 {'on' if rc['bf16'] else 'off'}, token-mixed rows {rc['mix_rows']:g}, keep "
               f"{rc['keep']}, no early stop) on {s['train_rows']:,} training rows"
               + (", model selection on the dev split. " if rc["keep"] == "best" else ". ")
-              + f"The pruned vocabulary keeps the special tokens and every token of the "
-              f"{pr['vocabulary']['texts']:,} training texts ({s['vocab_from']}, min count {s['vocab_min_count']}). "
-              f"Test: {s['test_rows']:,} rows, sequence length "
+              + (f"The pruned vocabulary keeps at most {s['vocab_size_cap']:,} tokens, special tokens included and then "
+                 f"the most frequent tokens "
+                 f"of the {pr['vocabulary']['texts']:,} training texts ({s['vocab_from']}). "
+                 if s.get("vocab_size_cap") else
+                 f"The pruned vocabulary keeps the special tokens and every token of the "
+                 f"{pr['vocabulary']['texts']:,} training texts ({s['vocab_from']}, min count {s['vocab_min_count']}). ")
+              + f"Test: {s['test_rows']:,} rows, sequence length "
               f"{rows['unpruned']['seq_len']} (unpruned) / {pr['seq_len']} (pruned); accuracies are the exported "
               "ONNX files' (onnxruntime, INT8 dynamic per-channel); [UNK] coverage: test tokens inside a word that "
               "the pruned tokenizer reads as [UNK] and the original did not "
@@ -258,10 +264,13 @@ def main() -> None:
     p.add_argument("--bottleneck", type=int, default=128, help="MobileBERT bottleneck (default 128)")
     p.add_argument("--ffn", type=int, default=4, help="MobileBERT stacked FFNs per layer (default 4; another value "
                                                       "writes the section vocab:<suite>-ffn<N>)")
+    p.add_argument("--vocab-size", type=int, help="keep at most this many tokens (the most frequent; mbconvert "
+                                                   "--vocab-size); adds -v<N> to the section name")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)")
     args = p.parse_args()
-    section = args.suite if args.ffn == 4 else f"{args.suite}-ffn{args.ffn}"
-    for name in ("steps", "train_rows", "bottleneck", "threads", "ffn"):
+    section = args.suite + (f"-ffn{args.ffn}" if args.ffn != 4 else "") + (f"-v{args.vocab_size}" if args.vocab_size
+                                                                           else "")
+    for name in ("steps", "train_rows", "bottleneck", "threads", "ffn", "vocab_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, not {value}")
