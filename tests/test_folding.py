@@ -212,3 +212,21 @@ def test_a_model_that_cannot_be_folded_is_exported_plain_with_the_reason(tokeniz
                                tokenizer=tokenizer)
     assert report["artifacts"]["onnx"]["graph"] == "plain" and report["artifacts"]["onnx"]["parity"]["passed"]
     assert "layer_norm" in report["artifacts"]["onnx"]["graph_note"]
+
+
+def test_the_string_in_model_runs_on_the_folded_graph(tokenizer, tmp_path):
+    """onnx-text joins the tokenizer graph to model.onnx, here the folded graph with its contrib attention."""
+    from mbconvert.config import ExportConfig
+    from mbconvert.pipeline import export_checkpoint
+    from mbconvert.text_onnx import TEXT_FILE, session
+
+    model = mobilebert()
+    texts = [r["text"] for r in helpers.synthetic_rows(6, seed=3)]
+    report = export_checkpoint(model, ExportConfig(formats=("onnx", "onnx-text"), latency_batch_sizes=()),
+                               out=tmp_path / "o", tokenizer=tokenizer)
+    assert report["artifacts"]["onnx"]["graph"] == "folded"
+    logits = session(tmp_path / "o" / TEXT_FILE, threads=1).run(["logits"], {"texts": np.array(texts, dtype=object)})[0]
+    enc = tokenizer(texts, truncation=True, max_length=128, padding=True, return_tensors="pt",
+                    return_token_type_ids=True)
+    want = reference(model, Encoded(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], None)).numpy()
+    assert np.abs(logits - want).max() <= FP32_ATOL
