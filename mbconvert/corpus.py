@@ -74,9 +74,10 @@ def should_stream(run, *data) -> bool:
         return False
     if importlib.util.find_spec("datasets") is None:
         if run.stream == "on":
-            raise MissingDependencyError("--stream on reads the data through 🤗 datasets: pip install datasets")
+            raise MissingDependencyError("--stream on reads the data through 🤗 datasets: "
+                                         "pip install 'mbconvert[stream]'")
         log.warning("warning: the training data is larger than --stream-threshold-mb but 🤗 datasets is not "
-                    "installed: reading it into memory (pip install datasets to stream it)")
+                    "installed: reading it into memory (pip install 'mbconvert[stream]' to stream it)")
         return False
     return True
 
