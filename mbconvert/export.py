@@ -352,10 +352,11 @@ def latencies(path: Path, seq_len: int, config: ExportConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 
-def write_onnx(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig) -> dict:
+def write_onnx(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfig) -> tuple[dict, nn.Module | None]:
     """model.onnx: a NoNorm MobileBERT's folded graph (mbconvert.folding, written node by node) unless
     `config.onnx_graph` is plain or the model cannot be folded, else the exporter's (export_onnx). Returns
-    export.json's record: the graph, the exporter, the opset (and why a MobileBERT was not folded)."""
+    export.json's record (the graph, the exporter, the opset, and why a MobileBERT was not folded) and the folded
+    model (None for the plain graph), which the INT8 file is quantised from."""
     note = None
     if config.onnx_graph == "folded":
         from .folding import folded_or_none, stats, to_onnx
@@ -366,11 +367,11 @@ def write_onnx(model: nn.Module, path: Path, inputs: Inputs, config: ExportConfi
 
             onnx.save(to_onnx(folded, config.opset, length=config.seq_len), str(path))
             onnx.checker.check_model(str(path))
-            return {"graph": "folded", "exporter": "mbconvert.folding", "opset": config.opset, **stats(model)}
+            return {"graph": "folded", "exporter": "mbconvert.folding", "opset": config.opset, **stats(model)}, folded
         if type(model).__name__.startswith("MobileBert"):
             note = f"not folded: {why}"
             log.info("export: the plain ONNX graph (%s)", note)
-    return {"graph": "plain", **({"graph_note": note} if note else {}), **export_onnx(model, path, inputs, config)}
+    return {"graph": "plain", **({"graph_note": note} if note else {}), **export_onnx(model, path, inputs, config)}, None
 
 
 def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray, config: ExportConfig) -> dict:
@@ -380,7 +381,7 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
     """
     out: dict = {}
     fp32 = tmp / "model.onnx"
-    exporter = write_onnx(model, fp32, inputs, config)
+    exporter, folded = write_onnx(model, fp32, inputs, config)
     stamp_onnx(fp32, model)
     fp32_logits = onnx_logits(fp32, inputs, config.threads)
     out["onnx"] = {"file": fp32.name, "size_mb": size_mb(fp32), **exporter,
@@ -396,14 +397,13 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
         out["onnx"]["warning"] = "; ".join(problems)
     if "onnx-int8" in config.formats:
         int8 = tmp / "model.int8.onnx"
-        if exporter["graph"] == "folded":  # the same folded graph on [batch, length, width]: no reshapes around the
-            from .folding import FoldedMobileBert, to_onnx  # attention once each MatMul + Add is one quantised op
+        if folded is not None:  # the same folded graph on [batch, length, width]: no reshapes around the attention
+            import onnx  # once each MatMul + Add is one quantised op
 
-            import onnx
+            from .folding import to_onnx
 
             source = tmp / "int8-source.onnx"
-            onnx.save(to_onnx(FoldedMobileBert(model), config.opset, length=config.seq_len, layout="batch"),
-                      str(source))
+            onnx.save(to_onnx(folded, config.opset, length=config.seq_len, layout="batch"), str(source))
             try:
                 quantize_onnx(source, int8, inputs, config.int8_static)
             finally:

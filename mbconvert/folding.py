@@ -212,9 +212,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().contiguous().numpy()
 
 
-def _affine(g: Graph, x: str, affine: Affine, hint: str, bias: bool = True) -> str:
+def _affine(g: Graph, x: str, affine: Affine, hint: str) -> str:
     y = g.op("MatMul", [x, g.const(_np(affine.weight), f"{hint}.weight")], hint)
-    return g.op("Add", [y, g.const(_np(affine.bias), f"{hint}.bias")], hint) if bias else y
+    return g.op("Add", [y, g.const(_np(affine.bias), f"{hint}.bias")], hint)
 
 
 LAYOUTS = ("rows", "batch")
