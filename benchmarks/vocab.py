@@ -16,8 +16,10 @@ interval and McNemar p over the test texts (PyTorch FP32 predictions, mbconvert.
 
 Step-counted, never a time budget: with the same seed and thread count a busy machine gives the same numbers, only
 later. Default `--steps 600`: about 5 minutes per recovery on the 2-core box for Toutiao (the MobileBERT at
-bottleneck 128 trains ~2 steps/s at batch 32 there). Each conversion also computes the student's logits on the
-training rows once (the pruned student is another model, so twice in all); `--train-rows` limits the rows the
+bottleneck 128 trains ~2 steps/s at batch 32 there). The student's logits on the training rows are computed once:
+the pruned conversion distils the unpruned student reading its own tokens (mbconvert.recovery's logits_from), the
+same cached logits, and uses the pruned student only for its layer-wise stages and mixed rows; its dev accuracy
+(in brackets in the recovery line) is the pruned student's on the pruned tokens. `--train-rows` limits the rows the
 recovery distils on (the first N of the shuffled split, like run.py's quick mode), not the vocabulary's texts.
 
 Writes benchmarks/results/vocab-<suite>.{json,md} and replaces (or appends) the section between
@@ -67,7 +69,8 @@ def convert_variant(name: str, prune: bool, student: Path, data: Path, train, re
     t0 = time.time()
     conversion = convert_checkpoint(str(student), out, ConvertConfig(bottleneck=args.bottleneck, prune_vocab=prune,
                                                                      seed=args.seed, ffn=args.ffn,
-                                                                     vocab_size=args.vocab_size if prune else None),
+                                                                     vocab_size=args.vocab_size if prune else None,
+                                                                     vocab_min_count=args.vocab_min_count if prune else 1),
                                     train=train, eval_data=data / "dev.jsonl", recovery=recovery,
                                     run=RunOptions(threads=args.threads, cache_dir=str(work / "cache")),
                                     vocab_from=data / "train.jsonl" if prune else None)
@@ -175,7 +178,7 @@ def run(args) -> dict:
             "settings": {"student": str(student), "data": str(data), "steps": args.steps, "seed": args.seed,
                          "bottleneck": args.bottleneck, "ffn": args.ffn, "vocab_size_cap": args.vocab_size,
                          "train_rows": len(train), "test_rows": len(test),
-                         "vocab_from": "train.jsonl, all rows", "vocab_min_count": 1,
+                         "vocab_from": "train.jsonl, all rows", "vocab_min_count": args.vocab_min_count,
                          "recovery_config": recovery.to_dict(), "work": str(work)},
             "variants": rows, "pruned_vs_unpruned": diff, "targets": targets(args.suite, rows, diff)}
 
@@ -213,7 +216,8 @@ def render(results: dict, command: str) -> str:
               + (", model selection on the dev split. " if rc["keep"] == "best" else ". ")
               + (f"The pruned vocabulary keeps at most {s['vocab_size_cap']:,} tokens, special tokens included and then "
                  f"the most frequent tokens "
-                 f"of the {pr['vocabulary']['texts']:,} training texts ({s['vocab_from']}). "
+                 f"of the {pr['vocabulary']['texts']:,} training texts ({s['vocab_from']}, min count "
+                 f"{s['vocab_min_count']}). "
                  if s.get("vocab_size_cap") else
                  f"The pruned vocabulary keeps the special tokens and every token of the "
                  f"{pr['vocabulary']['texts']:,} training texts ({s['vocab_from']}, min count {s['vocab_min_count']}). ")
@@ -227,8 +231,9 @@ def render(results: dict, command: str) -> str:
               f"{p['difference_points']:+.2f} pt, 95% CI {lo:+.2f} to {hi:+.2f} pt, McNemar p {p['mcnemar_p']:.2g}, "
               f"same right/wrong on {100 * d['agreement_fp32']:.1f}% of the texts"
               + (f"; {p['warning']}" if p["warning"] else "") + ".",
-              "Recovery, dev accuracy of the kept weights (the student's in brackets; the pruned conversion's "
-              "teacher is the pruned student): " + ", ".join(
+              "Recovery, dev accuracy of the kept weights (the student's in brackets, for the pruned conversion the "
+              "pruned student's; its targets: " + (pr["recovery"].get("targets") or "the pruned student's logits")
+              + "): " + ", ".join(
                   f"{name} {f(r['recovery']['final_accuracy'])} ({f(r['recovery']['source_accuracy'])}) after "
                   f"{r['recovery']['steps']} steps, {r['recovery']['wall_s'] / 60:.1f} min"
                   for name, r in rows.items()) + ".",
@@ -266,11 +271,14 @@ def main() -> None:
                                                       "writes the section vocab:<suite>-ffn<N>)")
     p.add_argument("--vocab-size", type=int, help="keep at most this many tokens (the most frequent; mbconvert "
                                                    "--vocab-size); adds -v<N> to the section name")
+    p.add_argument("--vocab-min-count", type=int, default=1, help="keep only tokens seen at least N times in the "
+                   "training texts (mbconvert --vocab-min-count; default 1); another value adds -m<N> to the section")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)")
     args = p.parse_args()
-    section = args.suite + (f"-ffn{args.ffn}" if args.ffn != 4 else "") + (f"-v{args.vocab_size}" if args.vocab_size
-                                                                           else "")
-    for name in ("steps", "train_rows", "bottleneck", "threads", "ffn", "vocab_size"):
+    section = (args.suite + (f"-ffn{args.ffn}" if args.ffn != 4 else "")
+               + (f"-m{args.vocab_min_count}" if args.vocab_min_count != 1 else "")
+               + (f"-v{args.vocab_size}" if args.vocab_size else ""))
+    for name in ("steps", "train_rows", "bottleneck", "threads", "ffn", "vocab_size", "vocab_min_count"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, not {value}")

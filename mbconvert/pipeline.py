@@ -241,6 +241,7 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
             _examples(calib, src.config) if calib is not None else None)
     eval_ex = _examples(eval_data, src.config) if eval_data is not None else None  # bad dev data: before any write
     extra = unlabelled if stream else read_texts(unlabelled) if unlabelled is not None else None
+    unpruned = src
     src, vocab_report = _prune(src, config, vocab_from, train_ex or calib_ex, eval_ex)
     key = _conversion_key(src, config, calib_ex)
     previous = _read_json(out / CONVERSION_FILE) if resume else None
@@ -259,7 +260,8 @@ def convert_checkpoint(source, out=None, config: ConvertConfig | None = None, *,
         _save_model(out, mobile, src.tokenizer, {CONVERSION_FILE: report})
     if train is not None:
         report["recovery"] = _recover(mobile, src, out, report, train if stream else train_ex, eval_ex,
-                                      recovery or RecoveryConfig(), run, resume, src.tokenizer, extra)
+                                      recovery or RecoveryConfig(), run, resume, src.tokenizer, extra,
+                                      logits_from=unpruned if vocab_report is not None else None)
     return report
 
 
@@ -279,36 +281,44 @@ def _encode_for(model, examples: Examples, tokenizer, cfg: RecoveryConfig, run: 
 
 
 def _recover(mobile, src: SourceModel, out: Path, conversion: dict | None, train: Examples, eval_data,
-             cfg: RecoveryConfig, run: RunOptions, resume: bool, tokenizer, unlabelled: Examples | None = None
-             ) -> dict:
+             cfg: RecoveryConfig, run: RunOptions, resume: bool, tokenizer, unlabelled: Examples | None = None,
+             logits_from: SourceModel | None = None) -> dict:
     """Recover `mobile` in memory against the source, then write `out` whole (weights + recovery.json).
     `unlabelled`: texts appended to `train` without labels (distilled only). `train` (and `unlabelled`) not yet
-    read (a path or a datasets.Dataset): streamed through mbconvert.corpus."""
-    from .recovery import recover
+    read (a path or a datasets.Dataset): streamed through mbconvert.corpus. `logits_from`: the unpruned source of a
+    pruned conversion, whose logits on its own tokenisation of the texts are the task stage's targets."""
+    from .recovery import recover, targets_key
     from .report import summary_line
 
+    def encoded(tok):
+        if not isinstance(train, Examples):
+            return open_corpus(train, unlabelled, tok, *label_maps(mobile.config), max_length=cfg.max_length,
+                               cap=mobile.config.max_position_embeddings, cache_dir=run.cache_dir,
+                               progress=run.progress)
+        return _encode_for(mobile, train if unlabelled is None else with_unlabelled(train, unlabelled), tok, cfg, run)
+
+    train_enc = encoded(tokenizer)
     if not isinstance(train, Examples):
-        train_enc = open_corpus(train, unlabelled, tokenizer, *label_maps(mobile.config), max_length=cfg.max_length,
-                                cap=mobile.config.max_position_embeddings, cache_dir=run.cache_dir,
-                                progress=run.progress)
         rows = dict(train_enc.rows)
     else:
         rows = {"labelled": len(train) if train.labels is not None else 0,
                 "unlabelled": (len(train) if train.labels is None else 0) + (len(unlabelled) if unlabelled else 0)}
-        if unlabelled is not None:
-            train = with_unlabelled(train, unlabelled)
-        train_enc = _encode_for(mobile, train, tokenizer, cfg, run)
+    logit_rows = None if logits_from is None else (logits_from.model, encoded(logits_from.tokenizer))
     eval_enc = _encode_for(mobile, _examples(eval_data, mobile.config), tokenizer, cfg, run) \
         if eval_data is not None else None
     done = _read_json(out / RECOVERY_FILE) if resume else None
     if done is not None:  # a finished run: resuming it is a no-op when it is this run and `mobile` is its result
-        expected = fingerprint(cfg.to_dict(), model_key(src.model), "", data_key(train_enc), data_key(eval_enc))
+        teacher = targets_key(model_key(src.model), None if logit_rows is None else
+                              (model_key(logit_rows[0]), data_key(logit_rows[1])))
+        expected = fingerprint(cfg.to_dict(), teacher, "", data_key(train_enc), data_key(eval_enc))
         if same_run(done.get("fingerprint"), expected, ignore=("start",)) and done.get("weights") == model_key(mobile):
             log.info("resuming: %s already holds this recovery (%d steps); nothing to do", out, done.get("steps", 0))
             return done
         raise ConfigError(f"{out} holds a recovery with other options, data or models; rerun without --resume")
     summary = recover(mobile, src.model, train_enc, cfg, eval_enc, out_dir=out, resume=resume,
-                      head_map=head_map_from(conversion), run=run)
+                      head_map=head_map_from(conversion), run=run, logits_from=logit_rows)
+    if logit_rows is not None:
+        summary["targets"] = "the unpruned source's logits on its own tokenisation of the training texts"
     summary["weights"], summary["training_rows"] = model_key(mobile), rows
     sample = train_enc.head(256) if isinstance(train_enc, Corpus) else train_enc
     summary["activations"] = activation_peaks(mobile, eval_enc if eval_enc is not None else sample,
@@ -339,12 +349,14 @@ def recover_checkpoint(model_dir, source, train, eval_data=None, config: Recover
     model, tok = load_classifier(model_dir, tokenizer=tokenizer)
     src = load_source(source, tokenizer=tokenizer, require_tokenizer=tok is None)
     tok = tok or src.tokenizer
+    unpruned = src
     src = dataclasses.replace(src, model=same_vocab(model, tok, src.model, src.tokenizer, src.path))
     conversion = _read_json(model_dir / CONVERSION_FILE)
     stream = should_stream(run, train, unlabelled)  # mbconvert.corpus: not read into memory
     extra = unlabelled if stream else read_texts(unlabelled) if unlabelled is not None else None
+    pruned = src.model is not unpruned.model and unpruned.tokenizer is not None
     return _recover(model, src, out, conversion, train if stream else _examples(train, model.config), eval_data, cfg,
-                    run, resume, tok, extra)
+                    run, resume, tok, extra, logits_from=unpruned if pruned else None)
 
 
 # ----------------------------------------------------------------------------------------------- check

@@ -88,6 +88,11 @@ def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=No
     return distributed.cached(group, cache_dir, "teacher-logits", key, compute)["logits"].to(device)
 
 
+def targets_key(teacher_key: str, logits_keys: tuple[str, str] | None = None) -> str:
+    """The teacher's part of a run's fingerprint: its content key, and the (model, rows) keys of `logits_from`."""
+    return teacher_key if logits_keys is None else f"{teacher_key}+logits:{logits_keys[0]}-{logits_keys[1]}"
+
+
 @contextlib.contextmanager
 def _deferred_interrupt(signals=(signal.SIGINT,)):
     """Ctrl-C (and any of `signals`) sets a flag instead of raising mid-step, so the loop can checkpoint a consistent
@@ -109,7 +114,7 @@ class Recovery:
     """One recovery run: plan, training loop, evaluation, checkpoints and the summary."""
 
     def __init__(self, student, teacher, train: Encoded, cfg: RecoveryConfig, eval_data: Encoded | None,
-                 out_dir: Path | None, head_map: list[list[int]] | None, run: RunOptions):
+                 out_dir: Path | None, head_map: list[list[int]] | None, run: RunOptions, logits_from=None):
         self.cfg, self.run_options = cfg, run
         self.cache_dir = run.cache_dir
         self.device = torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -117,7 +122,11 @@ class Recovery:
         self.device = self.group.local(self.device)
         self.keys = {"teacher": model_key(teacher), "train": data_key(train),
                      "eval": data_key(eval_data)}  # content keys, hashed once per run
-        self.fingerprint = checkpoint.fingerprint(cfg.to_dict(), self.keys["teacher"], model_key(student),
+        self.logits_from = logits_from
+        if logits_from is not None:
+            self.keys["logits"] = (model_key(logits_from[0]), data_key(logits_from[1]))
+        self.fingerprint = checkpoint.fingerprint(cfg.to_dict(), targets_key(self.keys["teacher"],
+                                                                             self.keys.get("logits")), model_key(student),
                                                   self.keys["train"], self.keys["eval"])
         self.student = student.to(self.device)
         self.teacher = teacher.to(self.device).eval()
@@ -303,9 +312,11 @@ class Recovery:
         optimizer_state = self._load() if resume else None
         # the teacher's logits are computed before the clock starts: a time budget is spent on training only
         started = time.monotonic()
-        self.teacher_logits = teacher_logits(self.teacher, self.train, self.device, 2 * self.cfg.batch_size,
-                                             self.cache_dir, desc="source logits (training data)",
-                                             keys=(self.keys["teacher"], self.keys["train"]), group=self.group)
+        model, rows, keys = (self.teacher, self.train, (self.keys["teacher"], self.keys["train"])) \
+            if self.logits_from is None else (*self.logits_from, self.keys["logits"])
+        self.teacher_logits = teacher_logits(model.to(self.device).eval(), rows, self.device, 2 * self.cfg.batch_size,
+                                             self.cache_dir, desc="source logits (training data)", keys=keys,
+                                             group=self.group)
         self.teacher_logits_s = round(time.monotonic() - started, 2)  # ~0 when read back from the cache
         if self.eval_data is not None:
             self.teacher_eval_logits = self._teacher_eval_logits()
@@ -450,7 +461,7 @@ def _check_data(data: Encoded, what: str, num_labels: int) -> None:
 
 def recover(mobilebert, teacher, train_data: Encoded, config: RecoveryConfig | None = None,
             eval_data: Encoded | None = None, out_dir=None, resume: bool = False,
-            head_map: list[list[int]] | None = None, run: RunOptions | None = None) -> dict:
+            head_map: list[list[int]] | None = None, run: RunOptions | None = None, logits_from=None) -> dict:
     """Train `mobilebert` (in place) against `teacher` (the source model); returns the summary.
 
     `train_data`/`eval_data` are tokenised with the source's tokenizer (labels optional). `out_dir`, when given, holds
@@ -470,5 +481,13 @@ def recover(mobilebert, teacher, train_data: Encoded, config: RecoveryConfig | N
         raise ConfigError("stop_after_steps needs an out_dir to checkpoint into")
     if run.threads:
         torch.set_num_threads(run.threads)
+    if logits_from is not None:
+        model, rows = logits_from
+        if len(rows) != len(train_data):
+            raise DataError(f"logits_from has {len(rows)} rows, the training data {len(train_data)}: they must be the "
+                            "same texts")
+        if model.config.num_labels != n_labels:
+            raise ShapeMismatchError(f"the logits_from model has {model.config.num_labels} classes, the MobileBERT "
+                                     f"{n_labels}")
     return Recovery(mobilebert, teacher, train_data, cfg, eval_data, Path(out_dir) if out_dir else None, head_map,
-                    run).run(resume)
+                    run, logits_from).run(resume)

@@ -219,6 +219,29 @@ def test_bf16_autocast_trains_and_repairs_like_fp32(lossy, teacher, data):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_the_task_stage_distils_logits_from_another_model_when_given(lossy, teacher, data, tmp_path):
+    """`logits_from` (a pruned conversion's unpruned source): its logits on its own rows are the task targets. With
+    no layer-wise stage and no mixed rows the teacher is then unused: the run equals one against that model."""
+    cfg = RecoveryConfig(steps=4, layerwise_share=0, batch_size=16)
+    other = copy.deepcopy(teacher.model)
+    with torch.no_grad():
+        other.classifier.bias.add_(torch.arange(other.config.num_labels, dtype=torch.float32))  # other targets
+    given, against_other, against_teacher = (copy.deepcopy(lossy) for _ in range(3))
+    recover(given, teacher.model, data["train"], cfg, logits_from=(other, data["train"]), run=QUIET)
+    recover(against_other, other, data["train"], cfg, run=QUIET)
+    recover(against_teacher, teacher.model, data["train"], cfg, run=QUIET)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert same(given, against_other) and not same(given, against_teacher)
+    with pytest.raises(DataError, match="same texts"):
+        recover(copy.deepcopy(lossy), teacher.model, data["train"], cfg, logits_from=(other, data["dev"]), run=QUIET)
+    with pytest.raises(KeyboardInterrupt):  # a checkpoint of a run with other targets is not resumed
+        recover(copy.deepcopy(lossy), teacher.model, data["train"], cfg, out_dir=tmp_path,
+                run=RunOptions(progress=False, stop_after_steps=2))
+    with pytest.raises(ConfigError, match="other options, data or models"):
+        recover(copy.deepcopy(lossy), teacher.model, data["train"], cfg, out_dir=tmp_path, resume=True, run=QUIET,
+                logits_from=(other, data["train"]))
+
+
 def test_empty_training_data_is_a_data_error(lossy, teacher, data):
     empty = Encoded(*(t[:0] for t in (data["train"].input_ids, data["train"].attention_mask,
                                       data["train"].token_type_ids, data["train"].labels)))

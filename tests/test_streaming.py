@@ -165,6 +165,21 @@ def test_a_streamed_recovery_ends_with_the_weights_of_the_in_memory_one(small_st
     assert not [n for n in out_files if n.endswith((".arrow", ".npy")) or n == "corpus.json"]
 
 
+def test_a_streamed_pruned_conversion_distils_the_unpruned_source_like_the_in_memory_one(small_student, tmp_path):
+    """`--prune-vocab --vocab-from` with `--stream on`: the unpruned source reads its own tokenisation of the corpus
+    (a second cached corpus) and the result is the in-memory run's bytes."""
+    (tmp_path / "extra.txt").write_text("".join(r["text"] + "\n" for r in helpers.synthetic_rows(30, seed=13)),
+                                        encoding="utf-8")
+    prune = ["--prune-vocab", "--vocab-from", small_student / "dev.jsonl", "--vocab-size", "200",
+             "--cache-dir", tmp_path / "cache"]
+    assert _convert(small_student, tmp_path / "off", "--stream", "off", *prune) == 0
+    assert _convert(small_student, tmp_path / "on", "--stream", "on", *prune) == 0
+    want, got = load_file(str(tmp_path / "off" / "model.safetensors")), load_file(str(tmp_path / "on" / "model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    summary = json.loads((tmp_path / "on" / "recovery.json").read_text(encoding="utf-8"))
+    assert "unpruned source" in summary["targets"] and len(list((tmp_path / "cache").glob("corpus-*"))) == 2
+
+
 def test_the_tokenised_corpus_is_reused_and_the_source_logits_are_memory_mapped(small_student, tmp_path,
                                                                                monkeypatch):
     """A second open of the same files reads the cache: no datasets.load_dataset, no tokenising. The source's logits

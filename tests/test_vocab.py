@@ -236,7 +236,24 @@ def test_recover_check_and_export_of_a_pruned_conversion_use_its_tokenizer(prune
                "--repeats", "1", "--threads", "1")
     assert code in (0, 1) and (tmp_path / "r" / "report.json").is_file()
     assert sum("is pruned to it" in r.getMessage() for r in caplog.records) == 2  # recover, then check
+    assert "unpruned source" in json.loads((out / "recovery.json").read_text())["targets"]
     assert cli("export", out, "--format", "onnx", "--data", student["dev"], "-o", tmp_path / "export") == 0
+
+
+def test_a_pruned_conversion_distils_the_unpruned_source_reading_its_own_tokens(student, tmp_path):
+    """A capped vocabulary turns some training tokens into [UNK]; the task stage's targets stay the user's model's
+    answers on the original tokens (mbconvert.recovery's logits_from): the very logits an unpruned conversion distils
+    (one entry in a shared cache, not one per vocabulary)."""
+    cache = tmp_path / "cache"
+    common = ["--bottleneck", "32", "--embedding-size", "32", "--train", student["train"], "--steps", "2",
+              "--batch-size", "8", "--threads", "1", "--cache-dir", cache]
+    assert cli(student["student"], *common, "-o", tmp_path / "unpruned") == 0
+    assert len(list(cache.glob("teacher-logits-*"))) == 1
+    assert cli(student["student"], *common, "--prune-vocab", "--vocab-size", "64", "-o", tmp_path / "capped") == 0
+    assert len(list(cache.glob("teacher-logits-*"))) == 1
+    capped, unpruned = (json.loads((tmp_path / d / "recovery.json").read_text()) for d in ("capped", "unpruned"))
+    assert "unpruned source" in capped["targets"] and "targets" not in unpruned
+    assert capped["weights"] != unpruned["weights"]
 
 
 def test_the_source_of_a_pruned_conversion_is_pruned_to_its_tokenizer(tokenizer):
