@@ -20,6 +20,10 @@ NoNorm, key_query_shared_bottleneck, no bottleneck attention) with fewer operato
   Gemm (and Gemm + ReLU) in FP32; the INT8 file is quantised from the same graph on [batch, length, width]
   (`layout="batch"`), where DynamicQuantizeMatMul takes the bias anyway and the attention needs no reshape. Every
   projection is written as MatMul + Add, which the dynamic quantiser handles (it does not quantise Gemm).
+- **The last layer on the first token.** The pooler reads only the first token, and everything after the attention
+  (bottleneck input residual, FFNs, output bottleneck) is row-wise: the last layer computes keys and values for
+  every token and the rest for the first token alone (a fifth fewer multiply-adds for a 4-layer model at length
+  32, the same logits; `to_onnx(first_only=False)` keeps every row).
 - **Embeddings.** The embedding NoNorm's shift joins the embedding transformation's bias (kept apart from the
   position table, which the dynamic quantiser stores in 8 bits with one scale: a shift there would cost the
   positions their resolution).
@@ -140,15 +144,27 @@ class FoldedLayer(nn.Module):
         self.d_out = _check_scale(up.LayerNorm.weight.double() * d_h, f"layer {index}'s output bottleneck")
         self.output_bottleneck = _folded_dense(up.dense, d_u, d_h, up.LayerNorm, self.d_out)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, batch: int, length: int, first_only: bool = False
+                ) -> torch.Tensor:
+        """[batch·length, H] rows in; with `first_only`, the [batch, H] rows of each text's first token (the keys
+        and values still read every token)."""
         a, q, k, v = torch.split(self.readers(h), self.split, dim=-1)
-        q, k, v = (t.reshape(batch, length, self.heads, self.head_size).transpose(1, 2) for t in (q, k, v))
+        queries = length
+        if first_only:
+            a, q, h = (t.reshape(batch, length, -1)[:, 0] for t in (a, q, h))
+            queries = 1
+        q = q.reshape(batch, queries, self.heads, self.head_size).transpose(1, 2)
+        k, v = (t.reshape(batch, length, self.heads, self.head_size).transpose(1, 2) for t in (k, v))
         scores = torch.matmul(q, k.transpose(-1, -2)) + mask
-        context = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(batch * length, -1)
+        context = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(batch * queries, -1)
         x = self.attention_output(context) + a
         for ffn in self.ffns:
             x = ffn(x)
         return self.output_bottleneck(x) + h
+
+    def columns(self, start: int, stop: int) -> Affine:
+        """The readers' output columns start:stop (a, q, k, v in that order) as an Affine of their own."""
+        return Affine(self.readers.weight[:, start:stop].t(), self.readers.bias[start:stop])
 
 
 class FoldedMobileBert(nn.Module):
@@ -197,10 +213,9 @@ class FoldedMobileBert(nn.Module):
             x = torch.matmul(x, self.transform)
         h = (x + self.shift + self.positions[:length] + self.token_types[token_type_ids]).reshape(batch * length, -1)
         mask = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * self.mask_value
-        for layer in self.layers:
-            h = layer(h, mask, batch, length)
-        first = h.reshape(batch, length, -1)[:, 0]
-        return self.classifier(torch.tanh(self.pooler(first)))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, mask, batch, length, first_only=i == len(self.layers) - 1)
+        return self.classifier(torch.tanh(self.pooler(h)))  # h: the first token's rows
 
 
 # ---------------------------------------------------------------------------------------------- ONNX
@@ -220,7 +235,8 @@ def _affine(g: Graph, x: str, affine: Affine, hint: str) -> str:
 LAYOUTS = ("rows", "batch")
 
 
-def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None, layout: str = "rows"):
+def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None, layout: str = "rows",
+            first_only: bool = True):
     """The folded model as an ONNX graph written node by node (no tracing, no exporter): dynamic batch and
     sequence axes (a fixed `length` when given: onnxruntime then folds the position lookup into a constant), the
     inputs and output of the plain export, and one com.microsoft MultiHeadAttention per layer (onnxruntime's fused
@@ -229,7 +245,11 @@ def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None
 
     `layout`: "rows" runs the encoder on [batch·length, width] rows, where onnxruntime fuses each MatMul + Add into
     a Gemm (FP32: model.onnx); "batch" keeps [batch, length, width], where the dynamic quantiser's
-    DynamicQuantizeMatMul takes the bias anyway and the attention needs no reshapes (the INT8 file's source)."""
+    DynamicQuantizeMatMul takes the bias anyway and the attention needs no reshapes (the INT8 file's source).
+
+    `first_only` (default): the last layer runs on each text's first token alone after its keys and values, the
+    only row the pooler reads (every op after the attention is row-wise, so the logits are the same);
+    False keeps every row to the end (benchmarks/latency.py measures both)."""
     from onnx import TensorProto, helper
 
     if layout not in LAYOUTS:
@@ -261,17 +281,21 @@ def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None
         h = g.op("Reshape", [h, g.const(np.array([-1, folded.positions.shape[1]]), "rows")], "hidden")  # [b·l, H]
     key_mask = g.op("Cast", [mask], "key_mask", to=TensorProto.INT32)
     width = folded.layers[0].split[-1]
+    last = len(folded.layers) - 1 if first_only else None
     for i, layer in enumerate(folded.layers):
         p = f"layer.{i}."
-        split = g.const(np.array(layer.split), p + "split")
-        a, q, k, v = g.op("Split", [_affine(g, h, layer.readers, p + "readers"), split], p + "split", outputs=4,
-                          axis=-1)
-        if rows:
-            q, k, v = (g.op("Reshape", [t, rows3], p + n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
-        context = g.op("MultiHeadAttention", [q, k, v, "", key_mask], p + "attention", domain="com.microsoft",
-                       num_heads=layer.heads, scale=1.0)  # the biases are the readers', the scale is in q
-        if rows:
-            context = g.op("Reshape", [context, g.const(np.array([-1, width]), p + "rows")], p + "context")
+        if i == last:
+            h, context, a = _first_token_attention(g, h, layer, key_mask, rows3, p)
+        else:
+            split = g.const(np.array(layer.split), p + "split")
+            a, q, k, v = g.op("Split", [_affine(g, h, layer.readers, p + "readers"), split], p + "split",
+                              outputs=4, axis=-1)
+            if rows:
+                q, k, v = (g.op("Reshape", [t, rows3], p + n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
+            context = g.op("MultiHeadAttention", [q, k, v, "", key_mask], p + "attention", domain="com.microsoft",
+                           num_heads=layer.heads, scale=1.0)  # the biases are the readers', the scale is in q
+            if rows:
+                context = g.op("Reshape", [context, g.const(np.array([-1, width]), p + "rows")], p + "context")
         x = g.op("Add", [_affine(g, context, layer.attention_output, p + "attention.output"), a], p + "residual")
         for j, ffn in enumerate(layer.ffns):
             f = f"{p}ffn.{j}."
@@ -279,9 +303,12 @@ def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None
                          f + "act", **({} if ffn.act_name == "relu" else {"domain": "com.microsoft"}))
             x = g.op("Add", [_affine(g, inner, ffn.output, f + "out"), x], f + "residual")
         h = g.op("Add", [_affine(g, x, layer.output_bottleneck, p + "output_bottleneck"), h], p + "output")
-    if rows:
-        h = g.op("Reshape", [h, rows3], "hidden3")
-    first = g.op("Gather", [h, g.const(np.array(0))], "first", axis=1)
+    if last is not None:
+        first = h  # [batch, H]: the first token's rows
+    else:
+        if rows:
+            h = g.op("Reshape", [h, rows3], "hidden3")
+        first = g.op("Gather", [h, g.const(np.array(0))], "first", axis=1)
     pooled = g.op("Tanh", [_affine(g, first, folded.pooler, "pooler")], "pooled")
     g.nodes.append(helper.make_node("Add", [g.op("MatMul", [pooled, g.const(_np(folded.classifier.weight),
                                                                              "classifier.weight")]),
@@ -290,12 +317,36 @@ def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", length or "sequence"]) for n in INPUTS]
     output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", folded.num_labels])
     # onnx's shape inference does not know contrib ops: typing their outputs lets it (and the quantiser) go on
-    typed = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, ["batch", length or "sequence", width])
+    typed = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT,
+                                           ["batch", 1 if n.output[0].startswith(f"layer.{last}.") else length or "sequence",
+                                            width])
              for n in g.nodes if n.op_type == "MultiHeadAttention"]
     graph = helper.make_graph(g.nodes, "mobilebert_folded", inputs, [output], g.consts, value_info=typed)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                    helper.make_opsetid("com.microsoft", 1)],
                              producer_name="mbconvert.folding")
+
+
+def _first_token_attention(g: Graph, h: str, layer: FoldedLayer, key_mask: str, rows3: str | None, p: str):
+    """The last layer's attention for the first token's query only: its keys and values from every row of `h`
+    ([batch·length, H] rows when `rows3`, else [batch, length, H]), its bottleneck input and query from the first
+    row. Returns ([batch, H] first rows of h, [batch, W] context, [batch, B] bottleneck input)."""
+    width, hidden = layer.split[-1], layer.readers.weight.shape[0]
+    aq = layer.split[0] + width
+    h3 = g.op("Reshape", [h, rows3], p + "hidden3") if rows3 is not None else h
+    first = g.op("Slice", [h3, g.const(np.array([0])), g.const(np.array([1])), g.const(np.array([1]))], p + "first")
+    first = g.op("Reshape", [first, g.const(np.array([-1, hidden]), p + "first_rows")], p + "first")
+    a, q = g.op("Split", [_affine(g, first, layer.columns(0, aq), p + "readers.first"),
+                          g.const(np.array(layer.split[:2]), p + "split.first")], p + "split.first", outputs=2, axis=-1)
+    k, v = g.op("Split", [_affine(g, h, layer.columns(aq, aq + 2 * width), p + "readers.keys"),
+                          g.const(np.array(layer.split[2:]), p + "split.keys")], p + "split.keys", outputs=2, axis=-1)
+    if rows3 is not None:
+        k, v = (g.op("Reshape", [t, rows3], p + n) for t, n in ((k, "k"), (v, "v")))
+    q = g.op("Reshape", [q, g.const(np.array([-1, 1, width]), p + "one_query")], p + "q")
+    context = g.op("MultiHeadAttention", [q, k, v, "", key_mask], p + "attention", domain="com.microsoft",
+                   num_heads=layer.heads, scale=1.0)
+    context = g.op("Reshape", [context, g.const(np.array([-1, width]), p + "rows")], p + "context")
+    return first, context, a
 
 
 def folded_or_none(model) -> tuple[nn.Module | None, str | None]:
@@ -315,4 +366,5 @@ def stats(model) -> dict:
     ffn = max(config.num_feedforward_networks, 1)
     return {"nonorms_folded": 1 + config.num_hidden_layers * (ffn + 4),  # embeddings; per layer: bottleneck
             # input and shared, attention output, FFN outputs, output, output bottleneck
-            "projections_per_layer": {"before": 6 + 2 * ffn + 1, "after": 2 + 2 * ffn + 1}}
+            "projections_per_layer": {"before": 6 + 2 * ffn + 1, "after": 2 + 2 * ffn + 1},
+            "last_layer": "first token only after its keys and values"}

@@ -16,7 +16,7 @@ import torch
 import helpers
 from mbconvert.data import Encoded
 from mbconvert.errors import ConfigError
-from mbconvert.folding import FoldedMobileBert, folded_or_none, stats, to_onnx, unsupported
+from mbconvert.folding import LAYOUTS, FoldedMobileBert, folded_or_none, stats, to_onnx, unsupported
 
 FEEDS = ("input_ids", "attention_mask", "token_type_ids")
 FP32_ATOL = 1e-4  # the export's parity tolerance (ExportConfig.parity_atol)
@@ -129,9 +129,36 @@ def test_the_folded_graph_has_no_nonorm_and_one_fused_attention_per_layer():
     assert ops.count("MultiHeadAttention") == layers
     assert "Mul" not in ops and "Softmax" not in ops and "Transpose" not in ops
     # per layer: readers (a, q, k, v), attention output, 2 per FFN, output bottleneck; plus the embedding
-    # transformation, pooler and classifier
-    assert ops.count("MatMul") == layers * (3 + 2 * model.config.num_feedforward_networks) + 3
+    # transformation, pooler and classifier; the last layer reads (a, q) of the first row apart from (k, v)
+    assert ops.count("MatMul") == layers * (3 + 2 * model.config.num_feedforward_networks) + 3 + 1
     assert stats(model)["nonorms_folded"] == 1 + layers * (model.config.num_feedforward_networks + 4)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_after_its_attention_the_last_layer_runs_on_the_first_token_alone(layout, tmp_path):
+    """The pooler reads only the first token and everything after the attention is row-wise: the last layer's
+    FFNs see [batch, width] (one row a text), and the logits equal those of the graph that keeps every row."""
+    import onnx
+
+    from mbconvert.export import onnx_session
+
+    model = mobilebert()
+    data = batch(n=5, length=9)
+    feeds = {k: getattr(data, k).numpy() for k in FEEDS}
+    proto = to_onnx(FoldedMobileBert(model), layout=layout)
+    last = model.config.num_hidden_layers - 1
+    ffn_inputs = [n.input[0] for n in proto.graph.node if n.op_type == "MatMul" and n.output[0].startswith(
+        f"layer.{last}.ffn.")]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=x) for x in ffn_inputs)  # read them back
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    seen = onnx_session(tmp_path / "m.onnx").run(ffn_inputs, feeds)
+    assert len(seen) == 2 * model.config.num_feedforward_networks and all(a.shape[:-1] == (5,) for a in seen)
+    logits = {}
+    for first_only in (True, False):
+        onnx.save(to_onnx(FoldedMobileBert(model), layout=layout, first_only=first_only), str(tmp_path / "m.onnx"))
+        logits[first_only] = onnx_session(tmp_path / "m.onnx").run(["logits"], feeds)[0]
+    np.testing.assert_allclose(logits[True], logits[False], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits[True], reference(model, data).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_folded_graph_runs_fewer_operators_than_the_traced_one(tmp_path):
