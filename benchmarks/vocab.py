@@ -76,7 +76,8 @@ def convert_variant(name: str, prune: bool, student: Path, data: Path, train, re
                                     vocab_from=data / "train.jsonl" if prune else None)
     convert_s = time.time() - t0
     exported = export_checkpoint(str(out), ExportConfig(formats=("onnx", "onnx-int8"), max_samples=args.test_rows,
-                                                        threads=args.threads, latency_batch_sizes=()),
+                                                        threads=args.threads, latency_batch_sizes=(),
+                                                        embedding_bits=args.embedding_bits),
                                  data=data / "test.jsonl")
     return {"out": out, "conversion": conversion, "export": exported, "convert_s": convert_s}
 
@@ -101,7 +102,7 @@ def measure(name: str, run_: dict, test, original_tokenizer) -> tuple[dict, torc
            "int8_agreement_fp32": art["onnx-int8"]["vs_fp32"]["argmax_agreement"],
            "onnx_parity": art["onnx"]["parity"], "test_rows": run_["export"]["inputs"]["rows"],
            "seq_len": run_["export"]["inputs"]["seq_len"], "export_warnings": run_["export"]["warnings"],
-           "recovery": {k: rec.get(k) for k in ("steps", "wall_s", "final_accuracy", "source_accuracy")},
+           "recovery": {k: rec.get(k) for k in ("steps", "wall_s", "final_accuracy", "source_accuracy", "targets")},
            "convert_and_recover_s": run_["convert_s"], "folder": str(run_["out"])}
     if "vocabulary" in run_["conversion"]:
         row["vocabulary"] = run_["conversion"]["vocabulary"]  # conversion.json: sizes, savings, dev coverage
@@ -123,13 +124,14 @@ def compare(rows: dict, correct: dict) -> dict:
             "paired_pytorch_fp32": paired}
 
 
-def targets(suite: str, rows: dict, diff: dict) -> list[dict]:
+def targets(suite: str, rows: dict, diff: dict, embedding_bits: int = 8) -> list[dict]:
     """The issue's targets, each with what was measured and whether it is met (from the numbers above)."""
     a, b = rows["unpruned"], rows["pruned"]
     tol, size_target = ACCURACY_TOLERANCE_PT, INT8_TARGET_MB[suite]
     return [
         {"target": f"INT8 MobileBERT ≤ {size_target:g} MB with `--prune-vocab`",
-         "measured": f"{b['onnx_int8_mb']:.2f} MB (unpruned {a['onnx_int8_mb']:.2f} MB)",
+         "measured": f"{b['onnx_int8_mb']:.2f} MB (unpruned {a['onnx_int8_mb']:.2f} MB"
+                     + ("; word embeddings 4-bit in both" if embedding_bits == 4 else "") + ")",
          "met": b["onnx_int8_mb"] <= size_target},
         {"target": f"test accuracy within {tol:g} pt of the unpruned MobileBERT, FP32 (one-sided: a gain passes)",
          "measured": f"{diff['fp32_points']:+.2f} pt ({b['accuracy_fp32']:.4f} vs {a['accuracy_fp32']:.4f})",
@@ -179,8 +181,10 @@ def run(args) -> dict:
                          "bottleneck": args.bottleneck, "ffn": args.ffn, "vocab_size_cap": args.vocab_size,
                          "train_rows": len(train), "test_rows": len(test),
                          "vocab_from": "train.jsonl, all rows", "vocab_min_count": args.vocab_min_count,
+                         "embedding_bits": args.embedding_bits,
                          "recovery_config": recovery.to_dict(), "work": str(work)},
-            "variants": rows, "pruned_vs_unpruned": diff, "targets": targets(args.suite, rows, diff)}
+            "variants": rows, "pruned_vs_unpruned": diff,
+            "targets": targets(args.suite, rows, diff, args.embedding_bits)}
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -223,7 +227,9 @@ def render(results: dict, command: str) -> str:
                  f"{pr['vocabulary']['texts']:,} training texts ({s['vocab_from']}, min count {s['vocab_min_count']}). ")
               + f"Test: {s['test_rows']:,} rows, sequence length "
               f"{rows['unpruned']['seq_len']} (unpruned) / {pr['seq_len']} (pruned); accuracies are the exported "
-              "ONNX files' (onnxruntime, INT8 dynamic per-channel); [UNK] coverage: test tokens inside a word that "
+              "ONNX files' (onnxruntime, INT8 dynamic per-channel"
+              + (", the word-embedding table 4-bit in both INT8 files (`--embedding-bits 4`, mbconvert.int4)"
+                 if s.get("embedding_bits") == 4 else "") + "); [UNK] coverage: test tokens inside a word that "
               "the pruned tokenizer reads as [UNK] and the original did not "
               f"({100 * pr['coverage']['texts_changed_share']:.2f}% of the test texts are tokenised differently "
               "at all).",
@@ -273,11 +279,15 @@ def main() -> None:
                                                    "--vocab-size); adds -v<N> to the section name")
     p.add_argument("--vocab-min-count", type=int, default=1, help="keep only tokens seen at least N times in the "
                    "training texts (mbconvert --vocab-min-count; default 1); another value adds -m<N> to the section")
+    p.add_argument("--embedding-bits", type=int, default=8, choices=(8, 4),
+                   help="word-embedding bits in both INT8 files (mbconvert export --embedding-bits; default 8); 4 "
+                        "adds -e4 to the section")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)")
     args = p.parse_args()
     section = (args.suite + (f"-ffn{args.ffn}" if args.ffn != 4 else "")
                + (f"-m{args.vocab_min_count}" if args.vocab_min_count != 1 else "")
-               + (f"-v{args.vocab_size}" if args.vocab_size else ""))
+               + (f"-v{args.vocab_size}" if args.vocab_size else "")
+               + ("-e4" if args.embedding_bits == 4 else ""))
     for name in ("steps", "train_rows", "bottleneck", "threads", "ffn", "vocab_size", "vocab_min_count"):
         value = getattr(args, name)
         if value is not None and value < 1:

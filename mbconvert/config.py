@@ -237,6 +237,9 @@ class ExportConfig(_Config):
                                        "exporter's trace of transformers' model); other models are always plain",
                              choices=("folded", "plain"))
     int8_static: bool = option(False, "static INT8 calibrated on --data instead of dynamic weight quantisation")
+    embedding_bits: int = option(8, "bits of the word-embedding table in model.int8.onnx: 8, or 4 (mbconvert.int4: "
+                                    "block-wise 4-bit rows looked up by onnxruntime's GatherBlockQuantized, about "
+                                    "0.64× the 8-bit table; onnxruntime CPU/WebGPU only)", choices=(8, 4))
     coreml_precision: str = option("fp16", "Core ML compute precision", choices=("fp16", "fp32"))
     coreml_quantize: bool = option(False, "8-bit Core ML weights (coremltools.optimize)")
     tolerance: float = option(1.0, "INT8 accuracy loss (points) that triggers a warning; with --precision mixed, "
@@ -281,6 +284,9 @@ class ExportConfig(_Config):
                                      "opset or use onnx_exporter torchscript")
         else:
             _check(self.opset <= 20, f"the torchscript ONNX exporter writes opset 20 at most, not {self.opset}")
+        _choice("embedding_bits", self.embedding_bits, (8, 4))
+        _check(not (self.embedding_bits == 4 and self.int8_static),
+               "--embedding-bits 4 rewrites the dynamic INT8 file's embedding lookup: drop --int8-static")
         _choice("coreml_precision", self.coreml_precision, ("fp16", "fp32"))
         _number("tolerance", self.tolerance, 0, 100)
         _number("parity_atol", self.parity_atol, 0, lo_open=True)

@@ -306,8 +306,9 @@ def onnx_latency(path: str | Path, batch: int, seq_len: int, threads: int = 2, w
     return median_ms(lambda: session.run(["logits"], feeds), repeats, warmup)
 
 
-def quantize_onnx(fp32: Path, out: Path, inputs: Inputs, static: bool) -> None:
-    """INT8 weights (dynamic: activations quantised at run time) or static QDQ calibrated on `inputs`.
+def quantize_onnx(fp32: Path, out: Path, inputs: Inputs, static: bool, embedding_bits: int = 8) -> None:
+    """INT8 weights (dynamic: activations quantised at run time) or static QDQ calibrated on `inputs`;
+    `embedding_bits=4`: the word-embedding lookup made 4-bit first (mbconvert.int4; dynamic only).
 
     onnxruntime's pre-processing (shape inference + graph optimisation) runs first; its symbolic shape
     inference is skipped because it cannot resolve the dynamic sequence axis through the embeddings' Slices.
@@ -315,8 +316,18 @@ def quantize_onnx(fp32: Path, out: Path, inputs: Inputs, static: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prepared = out.with_name("prepared.onnx")
-    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    prepared, q4 = out.with_name("prepared.onnx"), out.with_name("q4-embeddings.onnx")
+    if embedding_bits == 4:
+        import onnx
+
+        from .int4 import gather_4bit
+
+        onnx.save(gather_4bit(onnx.load(str(fp32))), str(q4))
+        fp32 = q4
+    try:
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    finally:
+        q4.unlink(missing_ok=True)
     try:
         if static:
             quantize_static(str(prepared), str(out), _CalibrationReader(inputs), weight_type=QuantType.QInt8,
@@ -405,17 +416,18 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
             source = tmp / "int8-source.onnx"
             onnx.save(to_onnx(folded, config.opset, length=config.seq_len, layout="batch"), str(source))
             try:
-                quantize_onnx(source, int8, inputs, config.int8_static)
+                quantize_onnx(source, int8, inputs, config.int8_static, config.embedding_bits)
             finally:
                 source.unlink(missing_ok=True)
         else:
-            quantize_onnx(fp32, int8, inputs, config.int8_static)
+            quantize_onnx(fp32, int8, inputs, config.int8_static, config.embedding_bits)
         stamp_onnx(int8, model)
         logits = onnx_logits(int8, inputs, config.threads)
         acc32, acc8 = out["onnx"]["accuracy"], accuracy(logits, inputs.labels)
         vs_fp32 = compare(fp32_logits, logits, config.parity_atol)
         drop = round(100 * (acc32 - acc8 if acc8 is not None else 1.0 - vs_fp32["argmax_agreement"]), 4)  # points
         out["onnx-int8"] = {"file": int8.name, "mode": "static" if config.int8_static else "dynamic",
+                            "embedding_bits": config.embedding_bits,
                             "size_mb": size_mb(int8), "size_ratio": round(size_mb(int8) / size_mb(fp32), 3),
                             "vs_fp32": vs_fp32, "accuracy": acc8, "accuracy_fp32": acc32,
                             "accuracy_drop": drop, "accuracy_basis": "labels" if acc8 is not None else "fp32 argmax",

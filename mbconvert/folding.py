@@ -317,9 +317,10 @@ def to_onnx(folded: FoldedMobileBert, opset: int = 18, length: int | None = None
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", length or "sequence"]) for n in INPUTS]
     output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", folded.num_labels])
     # onnx's shape inference does not know contrib ops: typing their outputs lets it (and the quantiser) go on
-    typed = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT,
-                                           ["batch", 1 if n.output[0].startswith(f"layer.{last}.") else length or "sequence",
-                                            width])
+    def queries(name):  # the last layer's attention has one query a text when first_only
+        return 1 if name.startswith(f"layer.{last}.") else length or "sequence"
+
+    typed = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, ["batch", queries(n.output[0]), width])
              for n in g.nodes if n.op_type == "MultiHeadAttention"]
     graph = helper.make_graph(g.nodes, "mobilebert_folded", inputs, [output], g.consts, value_info=typed)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),

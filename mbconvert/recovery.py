@@ -125,9 +125,9 @@ class Recovery:
         self.logits_from = logits_from
         if logits_from is not None:
             self.keys["logits"] = (model_key(logits_from[0]), data_key(logits_from[1]))
-        self.fingerprint = checkpoint.fingerprint(cfg.to_dict(), targets_key(self.keys["teacher"],
-                                                                             self.keys.get("logits")), model_key(student),
-                                                  self.keys["train"], self.keys["eval"])
+        targets = targets_key(self.keys["teacher"], self.keys.get("logits"))
+        self.fingerprint = checkpoint.fingerprint(cfg.to_dict(), targets, model_key(student), self.keys["train"],
+                                                  self.keys["eval"])
         self.student = student.to(self.device)
         self.teacher = teacher.to(self.device).eval()
         self.train, self.eval_data, self.out_dir = train, eval_data, out_dir
