@@ -188,7 +188,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("-o", "--output", help="default: MODEL/export (or <file>-export beside a checkpoint file)")
         for name in ("seq_len", "int8_static", "coreml_precision", "coreml_quantize", "fp16_safe", "fp16_margin",
                      "precision", "tolerance", "coreml_shapes", "coreml_lengths", "onnx_exporter", "coreml_source",
-                     "onnx_graph", "embedding_bits"):
+                     "onnx_graph", "embedding_bits", "onnx_ort"):
             _field(ExportConfig, name, p)
     elif command == "prune-vocab":
         p.add_argument("source", help="the source model (any format mbconvert loads), with its tokenizer")

@@ -237,6 +237,9 @@ class ExportConfig(_Config):
                                        "exporter's trace of transformers' model); other models are always plain",
                              choices=("folded", "plain"))
     int8_static: bool = option(False, "static INT8 calibrated on --data instead of dynamic weight quantisation")
+    onnx_ort: bool = option(False, "also save each ONNX file optimised by onnxruntime in its ORT format (model.ort, "
+                                   "model.int8.ort: the graph onnxruntime runs, saved offline at the portable "
+                                   "'extended' level, for onnxruntime Mobile), checked against the ONNX file")
     embedding_bits: int = option(8, "bits of the word-embedding table in model.int8.onnx: 8, or 4 (mbconvert.int4: "
                                     "block-wise 4-bit rows looked up by onnxruntime's GatherBlockQuantized, about "
                                     "0.64× the 8-bit table; onnxruntime CPU/WebGPU only)", choices=(8, 4))

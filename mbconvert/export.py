@@ -279,6 +279,28 @@ def onnx_logits(path: str | Path, inputs: Inputs, threads: int = 2) -> np.ndarra
     return np.concatenate([session.run(["logits"], feeds)[0] for feeds in inputs.chunks()])
 
 
+def save_ort_format(model: Path, out: Path) -> None:
+    """`model` as onnxruntime runs it, saved in the ORT format onnxruntime Mobile loads (its offline mode): graph
+    optimisations at the 'extended' level, the highest that stays portable across CPUs (the 'all' level adds
+    hardware-specific layouts)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(out)
+    opts.add_session_config_entry("session.save_model_format", "ORT")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_record(onnx_file: Path, inputs: Inputs, onnx_logits_: np.ndarray, config: ExportConfig) -> dict:
+    """Save `onnx_file`'s ORT-format twin beside it and check it gives the ONNX file's logits."""
+    ort_file = onnx_file.with_suffix(".ort")
+    save_ort_format(onnx_file, ort_file)
+    return {"file": ort_file.name, "size_mb": size_mb(ort_file), "optimization_level": "extended",
+            "vs_onnx": compare(onnx_logits_, onnx_logits(ort_file, inputs, config.threads), config.parity_atol)}
+
+
 def latency_feeds(batch: int, seq_len: int) -> dict[str, np.ndarray]:
     """A full (unpadded) batch of token ids 1..97 (valid in any vocabulary; ids do not change the cost)."""
     ids = (np.arange(batch * seq_len, dtype=np.int64).reshape(batch, seq_len) % 97) + 1
@@ -404,6 +426,8 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
         "exporter_fallback" in exporter) else []
     if not out["onnx"]["parity"]["passed"]:
         problems.append(f"ONNX logits differ from PyTorch by {out['onnx']['parity']['max_abs_diff']:.3g}")
+    if config.onnx_ort:
+        out["onnx"]["ort"] = ort_record(fp32, inputs, fp32_logits, config)
     if problems:
         out["onnx"]["warning"] = "; ".join(problems)
     if "onnx-int8" in config.formats:
@@ -432,6 +456,8 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
                             "vs_fp32": vs_fp32, "accuracy": acc8, "accuracy_fp32": acc32,
                             "accuracy_drop": drop, "accuracy_basis": "labels" if acc8 is not None else "fp32 argmax",
                             "latency": latencies(int8, inputs.seq_len, config)}
+        if config.onnx_ort:
+            out["onnx-int8"]["ort"] = ort_record(int8, inputs, logits, config)
         if drop > config.tolerance:
             basis = out["onnx-int8"]["accuracy_basis"]
             out["onnx-int8"]["warning"] = (f"INT8 loses {drop:.2f} points of accuracy vs FP32 ({basis}), "

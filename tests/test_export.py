@@ -451,3 +451,49 @@ def test_the_exported_program_holds_at_every_length_the_core_ml_range_admits(tok
         feeds = (ids, torch.ones_like(ids), torch.zeros_like(ids))
         with torch.no_grad():
             assert torch.allclose(graph(*feeds), wrapper(*feeds), atol=1e-5), length
+
+
+def test_export_with_4bit_embeddings_writes_a_smaller_int8_file_that_keeps_its_answers(mobilebert_dir, data_file,
+                                                                                       tmp_path, capsys):
+    """`--embedding-bits 4` (mbconvert.int4): the INT8 file's word-embedding lookup 4-bit, the rest 8-bit."""
+    import onnx
+
+    from mbconvert.cli import main
+
+    common = ["export", str(mobilebert_dir), "--format", "onnx-int8", "--data", str(data_file)]
+    assert main([*common, "-o", str(tmp_path / "e8")]) == 0
+    assert main([*common, "--embedding-bits", "4", "-o", str(tmp_path / "e4")]) == 0
+    reports = {b: json.loads((tmp_path / f"e{b}" / "export.json").read_text())["artifacts"]["onnx-int8"]
+               for b in (8, 4)}
+    assert reports[4]["embedding_bits"] == 4 and reports[8]["embedding_bits"] == 8
+    assert reports[4]["size_mb"] < reports[8]["size_mb"]
+    assert reports[4]["vs_fp32"]["argmax_agreement"] >= 0.9  # 48 rows: at most 4 answers change
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "e4" / "model.int8.onnx")).graph.node}
+    assert "GatherBlockQuantized" in ops and "MatMulInteger" in ops  # the rest: 8-bit as before
+    capsys.readouterr()
+    assert main([*common, "--embedding-bits", "4", "--int8-static", "-o", str(tmp_path / "bad")]) == 2
+    assert "--embedding-bits 4" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main([*common, "--embedding-bits", "2", "-o", str(tmp_path / "bad")]) == 2
+
+
+def test_onnx_ort_saves_the_optimised_graph_in_ort_format_with_the_same_logits(mobilebert_dir, data_file, tmp_path):
+    """`--onnx-ort`: model.ort and model.int8.ort, the graphs onnxruntime runs (offline mode, 'extended' level), in
+    the ORT format onnxruntime Mobile loads; each gives its ONNX file's logits."""
+    from mbconvert.cli import main
+    from mbconvert.export import onnx_session
+
+    out = tmp_path / "out"
+    assert main(["export", str(mobilebert_dir), "--format", "onnx,onnx-int8", "--data", str(data_file), "--onnx-ort",
+                 "-o", str(out)]) == 0
+    arts = json.loads((out / "export.json").read_text())["artifacts"]
+    for fmt, name in (("onnx", "model.ort"), ("onnx-int8", "model.int8.ort")):
+        record = arts[fmt]["ort"]
+        assert record["file"] == name and (out / name).read_bytes()[4:8] == b"ORTM"  # the ORT format's identifier
+        assert record["vs_onnx"]["max_abs_diff"] <= 1e-6 and record["vs_onnx"]["argmax_agreement"] == 1.0
+    feeds = {"input_ids": np.array([[2, 50, 60, 3]]), "attention_mask": np.ones((1, 4), np.int64),
+             "token_type_ids": np.zeros((1, 4), np.int64)}
+    np.testing.assert_array_equal(onnx_session(out / "model.int8.ort").run(["logits"], feeds)[0],
+                                  onnx_session(out / "model.int8.onnx").run(["logits"], feeds)[0])
+    assert not (tmp_path / "plain").exists() and main(["export", str(mobilebert_dir), "--format", "onnx",
+                                                        "-o", str(tmp_path / "plain")]) == 0
+    assert not list((tmp_path / "plain").glob("*.ort"))  # only when asked

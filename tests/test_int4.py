@@ -1,32 +1,15 @@
 """4-bit word embeddings in the INT8 ONNX file (mbconvert.int4, `mbconvert export --embedding-bits 4`): block-wise
-4-bit rows, looked up by onnxruntime's GatherBlockQuantized, the rest of the file 8-bit as before."""
+4-bit rows, looked up by onnxruntime's GatherBlockQuantized, the rest of the file 8-bit as before (the export
+command's test is in test_export.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
-import helpers
-from mbconvert.cli import main
 from mbconvert.errors import ConfigError
 from mbconvert.int4 import _pack, dequantize_rows, gather_4bit, quantize_rows
 from test_folding import FEEDS, batch, mobilebert
-
-
-@pytest.fixture(scope="module")
-def mobilebert_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("int4")
-    mobilebert(vocab_size=len(tokenizer)).save_pretrained(str(d))
-    tokenizer.save_pretrained(str(d))
-    return d
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    rows = [{"text": r["text"], "label": helpers.LABELS.index(r["label"])} for r in helpers.synthetic_rows(48, seed=3)]
-    return helpers.write_jsonl(tmp_path_factory.mktemp("data") / "test.jsonl", rows)
 
 
 def test_each_block_of_a_row_is_quantised_to_16_levels_within_half_a_step():
@@ -89,23 +72,3 @@ def test_a_graph_without_an_embedding_lookup_is_refused():
                               [helper.make_tensor_value_info("y", TensorProto.INT64, [1])])
     with pytest.raises(ConfigError, match="no Gather reads input_ids"):
         gather_4bit(helper.make_model(graph))
-
-
-def test_export_with_4bit_embeddings_writes_a_smaller_int8_file_that_keeps_its_answers(mobilebert_dir, data_file,
-                                                                                       tmp_path, capsys):
-    import onnx
-
-    common = ["export", str(mobilebert_dir), "--format", "onnx-int8", "--data", str(data_file)]
-    assert main([*common, "-o", str(tmp_path / "e8")]) == 0
-    assert main([*common, "--embedding-bits", "4", "-o", str(tmp_path / "e4")]) == 0
-    reports = {b: json.loads((tmp_path / f"e{b}" / "export.json").read_text())["artifacts"]["onnx-int8"]
-               for b in (8, 4)}
-    assert reports[4]["embedding_bits"] == 4 and reports[8]["embedding_bits"] == 8
-    assert reports[4]["size_mb"] < reports[8]["size_mb"]
-    assert reports[4]["vs_fp32"]["argmax_agreement"] >= 0.9  # 48 rows: at most 4 answers change
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "e4" / "model.int8.onnx")).graph.node}
-    assert "GatherBlockQuantized" in ops and "MatMulInteger" in ops  # the rest: 8-bit as before
-    capsys.readouterr()
-    assert main([*common, "--embedding-bits", "4", "--int8-static", "-o", str(tmp_path / "bad")]) == 2
-    assert "--embedding-bits 4" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    assert main([*common, "--embedding-bits", "2", "-o", str(tmp_path / "bad")]) == 2
