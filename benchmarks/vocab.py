@@ -271,7 +271,8 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=bench.ROOT / "benchmarks" / "RESULTS.md",
                    help="the file whose vocab:<suite> section is written (default benchmarks/RESULTS.md); "
                         "vocab-<suite>.{json,md} go to results/ beside it")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="mapping and recovery seed (default 0; another adds -s<N> to "
+                                                        "the section)")
     p.add_argument("--bottleneck", type=int, default=128, help="MobileBERT bottleneck (default 128)")
     p.add_argument("--ffn", type=int, default=4, help="MobileBERT stacked FFNs per layer (default 4; another value "
                                                       "writes the section vocab:<suite>-ffn<N>)")
@@ -287,7 +288,8 @@ def main() -> None:
     section = (args.suite + (f"-ffn{args.ffn}" if args.ffn != 4 else "")
                + (f"-m{args.vocab_min_count}" if args.vocab_min_count != 1 else "")
                + (f"-v{args.vocab_size}" if args.vocab_size else "")
-               + ("-e4" if args.embedding_bits == 4 else ""))
+               + ("-e4" if args.embedding_bits == 4 else "")
+               + (f"-s{args.seed}" if args.seed else ""))
     for name in ("steps", "train_rows", "bottleneck", "threads", "ffn", "vocab_size", "vocab_min_count"):
         value = getattr(args, name)
         if value is not None and value < 1:
