@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
 from sections import run_and_publish  # noqa: E402
+from slowdown import arithmetic_ms  # noqa: E402  the core-speed reference
 
 THREADS = 2
 MATMULS = {"MatMul", "Gemm", "FusedGemm", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul",
@@ -225,20 +226,25 @@ def latency_child(spec: Path) -> dict:
 STEADY = 1.10  # a measurement counts when the core ran within 10% of its best speed around it
 
 
-def arithmetic_ms() -> float:
-    """A fixed single-thread numpy loop (benchmarks/slowdown.py's reference): this VM's core speed right now. The
-    host slows the whole core by up to 1.4× in episodes of a few seconds, idle or not (NOTES "Inference speed");
-    this loop slows with the models, so it tells which measurements an episode hit."""
-    import numpy as np
+def _steady_median(measured: list, best: float) -> tuple[float, int]:
+    """The median of the (ms, reference ms) measurements made within STEADY of the `best` reference (of all of them
+    when fewer than half qualify), and how many qualified."""
+    steady = [ms for ms, ref in measured if ref <= STEADY * best]
+    return statistics.median(steady if 2 * len(steady) >= len(measured) else [m for m, _ in measured]), len(steady)
 
-    x, times = np.random.default_rng(0).random(8192), []
-    for _ in range(5):
-        t = time.perf_counter()
-        y = x
-        for _ in range(200):
-            y = y * 0.999 + 0.001
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+
+def _steady_latency(samples: dict) -> tuple[dict, dict]:
+    """{name: {batch: [(ms, reference ms), ...]}} → ({name: [median per batch]}, the counts: measurements kept, in
+    all, the best reference over every model, which each is judged against)."""
+    best = min(ref for s in samples.values() for v in s.values() for _, ref in v)
+    latency, kept, total = {}, 0, 0
+    for name, s in samples.items():
+        latency[name] = []
+        for measured in s.values():
+            ms, n = _steady_median(measured, best)
+            latency[name].append(ms)
+            kept, total = kept + n, total + len(measured)
+    return latency, {"kept": kept, "total": total, "reference_ms": round(best, 4), "within": STEADY}
 
 
 def latency_rounds(spec_file: Path) -> None:
@@ -258,17 +264,8 @@ def latency_rounds(spec_file: Path) -> None:
                 ms = median_ms(lambda: session.run(["logits"], feeds[b]),
                                repeats=spec["repeats"] if b == 1 else max(spec["repeats"] // 4, 3))
                 samples[name][b].append((ms, max(before, arithmetic_ms())))
-    best = min(ref for s in samples.values() for b in s.values() for _, ref in b)
-    kept = total = 0
-    latency = {}
-    for name, s in samples.items():
-        latency[name] = []
-        for b in spec["batches"]:
-            steady = [ms for ms, ref in s[b] if ref <= STEADY * best]
-            kept, total = kept + len(steady), total + len(s[b])
-            latency[name].append(statistics.median(steady if 2 * len(steady) >= len(s[b]) else [m for m, _ in s[b]]))
-    print(json.dumps({"latency": latency, "steady": {"kept": kept, "total": total, "reference_ms": round(best, 4),
-                                                     "within": STEADY},
+    latency, steady = _steady_latency(samples)
+    print(json.dumps({"latency": latency, "steady": steady,
                       "samples": {n: {str(b): v for b, v in s.items()} for n, s in samples.items()}}))
 
 
@@ -314,16 +311,8 @@ def latency_alone(files: dict, args, work: Path) -> dict:
                                         "rounds": 1, "repeats": 40}), encoding="utf-8")
             for b, v in latency_child(spec)["samples"][name].items():
                 samples[name][b] += v
-    best = min(ref for s in samples.values() for v in s.values() for _, ref in v)
-    latency, kept, total = {}, 0, 0
-    for name, s in samples.items():
-        latency[name] = []
-        for b in ("1", "32"):
-            steady = [ms for ms, ref in s[b] if ref <= STEADY * best]
-            kept, total = kept + len(steady), total + len(s[b])
-            latency[name].append(statistics.median(steady if 2 * len(steady) >= len(s[b]) else [m for m, _ in s[b]]))
-    return {"latency": latency, "steady": {"kept": kept, "total": total, "reference_ms": round(best, 4),
-                                           "within": STEADY}}
+    latency, steady = _steady_latency(samples)
+    return {"latency": latency, "steady": steady}
 
 
 # ---------------------------------------------------------------------------------------------- the slowdown

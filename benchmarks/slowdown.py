@@ -36,6 +36,22 @@ while time.time() < end:
 """
 
 
+def arithmetic_ms(repeats: int = 5) -> float:
+    """A fixed single-thread numpy loop, median of `repeats` runs: this VM's core speed right now. The
+    host slows the whole core by up to 1.4× in episodes of a few seconds, idle or not (NOTES "Inference speed");
+    this loop slows with the models, so it tells which measurements an episode hit."""
+    import numpy as np
+
+    x, times = np.random.default_rng(0).random(8192), []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        y = x
+        for _ in range(200):
+            y = y * 0.999 + 0.001
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
 class Probe:
     """The model's onnxruntime session (2 threads) and the arithmetic loop, in this process (no torch here)."""
 
@@ -48,15 +64,8 @@ class Probe:
         self.session = ort.InferenceSession(str(model), o, providers=["CPUExecutionProvider"])
         ids = (np.arange(32, dtype=np.int64).reshape(1, 32) % 97) + 1  # mbconvert.export.latency_feeds(1, 32)
         self.feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        self.array = np.random.default_rng(0).random(8192)
         for _ in range(10):
             self.session.run(None, self.feeds)
-
-    def _arith(self):
-        x = self.array
-        for _ in range(200):
-            x = x * 0.999 + 0.001
-        return x
 
     @staticmethod
     def _median_ms(f, n: int) -> float:
@@ -69,7 +78,7 @@ class Probe:
 
     def __call__(self) -> dict:
         return {"model_ms": round(self._median_ms(lambda: self.session.run(None, self.feeds), 50), 4),
-                "arith_ms": round(self._median_ms(self._arith, 20), 4)}
+                "arith_ms": round(arithmetic_ms(20), 4)}
 
 
 def series(probe: Probe, seconds: float, every: float, phase: str, start: float) -> list[dict]:

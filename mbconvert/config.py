@@ -288,6 +288,11 @@ class ExportConfig(_Config):
         else:
             _check(self.opset <= 20, f"the torchscript ONNX exporter writes opset 20 at most, not {self.opset}")
         _choice("embedding_bits", self.embedding_bits, (8, 4))
+        onnx_formats = self.formats is None or bool({"onnx", "onnx-int8"} & set(self.formats))
+        _check(not self.onnx_ort or onnx_formats, "--onnx-ort saves the ONNX files in the ORT format: add onnx or "
+                                                  "onnx-int8 to --format")
+        _check(self.embedding_bits == 8 or self.formats is None or "onnx-int8" in self.formats,
+               "--embedding-bits 4 changes model.int8.onnx: add onnx-int8 to --format")
         _check(not (self.embedding_bits == 4 and self.int8_static),
                "--embedding-bits 4 rewrites the dynamic INT8 file's embedding lookup: drop --int8-static")
         _choice("coreml_precision", self.coreml_precision, ("fp16", "fp32"))

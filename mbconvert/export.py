@@ -428,6 +428,8 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
         problems.append(f"ONNX logits differ from PyTorch by {out['onnx']['parity']['max_abs_diff']:.3g}")
     if config.onnx_ort:
         out["onnx"]["ort"] = ort_record(fp32, inputs, fp32_logits, config)
+        if not out["onnx"]["ort"]["vs_onnx"]["passed"]:
+            problems.append(f"model.ort differs from model.onnx by {out['onnx']['ort']['vs_onnx']['max_abs_diff']:.3g}")
     if problems:
         out["onnx"]["warning"] = "; ".join(problems)
     if "onnx-int8" in config.formats:
@@ -456,12 +458,17 @@ def export_onnx_formats(model, tmp: Path, inputs: Inputs, reference: np.ndarray,
                             "vs_fp32": vs_fp32, "accuracy": acc8, "accuracy_fp32": acc32,
                             "accuracy_drop": drop, "accuracy_basis": "labels" if acc8 is not None else "fp32 argmax",
                             "latency": latencies(int8, inputs.seq_len, config)}
+        warnings8 = []
         if config.onnx_ort:
-            out["onnx-int8"]["ort"] = ort_record(int8, inputs, logits, config)
+            out["onnx-int8"]["ort"] = ort = ort_record(int8, inputs, logits, config)
+            if not ort["vs_onnx"]["passed"]:
+                warnings8.append(f"model.int8.ort differs from model.int8.onnx by {ort['vs_onnx']['max_abs_diff']:.3g}")
         if drop > config.tolerance:
             basis = out["onnx-int8"]["accuracy_basis"]
-            out["onnx-int8"]["warning"] = (f"INT8 loses {drop:.2f} points of accuracy vs FP32 ({basis}), "
-                                           f"more than the tolerance {config.tolerance:g} points")
+            warnings8.append(f"INT8 loses {drop:.2f} points of accuracy vs FP32 ({basis}), "
+                             f"more than the tolerance {config.tolerance:g} points")
+        if warnings8:
+            out["onnx-int8"]["warning"] = "; ".join(warnings8)
     return out
 
 

@@ -474,6 +474,11 @@ def test_export_with_4bit_embeddings_writes_a_smaller_int8_file_that_keeps_its_a
     assert main([*common, "--embedding-bits", "4", "--int8-static", "-o", str(tmp_path / "bad")]) == 2
     assert "--embedding-bits 4" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main([*common, "--embedding-bits", "2", "-o", str(tmp_path / "bad")]) == 2
+    for formats, flag, says in (("onnx", ["--embedding-bits", "4"], "add onnx-int8"),
+                                ("coreml", ["--onnx-ort"], "add onnx or onnx-int8")):  # refused, not ignored
+        capsys.readouterr()
+        assert main(["export", str(mobilebert_dir), "--format", formats, *flag, "-o", str(tmp_path / "bad")]) == 2
+        assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_onnx_ort_saves_the_optimised_graph_in_ort_format_with_the_same_logits(mobilebert_dir, data_file, tmp_path):
