@@ -230,6 +230,7 @@ def held_out_rows(source_tok, pruned_tok, examples: Examples, folds: int, seed: 
     source_vocab, pruned_vocab = source_tok.get_vocab(), pruned_tok.get_vocab()
     token_of = {i: t for t, i in source_vocab.items()}
     kept = {source_vocab[t] for t in pruned_vocab}
+    specials = kept & set(special_ids(source_tok))  # [UNK] may be a text's token: never dropped
     seen: list[set[int]] = [set() for _ in range(folds)]
     for part in (examples.texts, examples.text_pairs or []):
         for k, ids in enumerate(_ids(source_tok, part)):
@@ -241,7 +242,7 @@ def held_out_rows(source_tok, pruned_tok, examples: Examples, folds: int, seed: 
         if not len(rows):
             continue
         elsewhere = set().union(*(seen[j] for j in range(folds) if j != k))
-        vocab = sorted(kept - (seen[k] - elsewhere))  # the specials are kept: they are never a text's token
+        vocab = sorted((kept - (seen[k] - elsewhere)) | specials)
         enc = encode(examples.take(rows.tolist()), prune_tokenizer(source_tok, vocab), max_length=max_length)
         to_pruned = torch.tensor([pruned_vocab[token_of[i]] for i in vocab])
         for o, t in zip(out, (to_pruned[enc.input_ids], enc.attention_mask, enc.token_type_ids)):

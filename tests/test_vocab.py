@@ -139,6 +139,11 @@ def test_a_held_out_text_is_read_with_the_vocabulary_of_the_other_texts():
     assert torch.equal(extended.input_ids[:4], train.input_ids)
     assert torch.equal(extended.input_ids[4:], rows.input_ids[:3])
     assert extended.labels.tolist() == [0, 1, 2, 0, 0, 1, 2]
+    # a text the source already reads with [UNK] (no "x" in its vocabulary): [UNK] stays in every fold's vocabulary
+    texts = Examples(["the cat x", "the cat"], None, None)
+    p = prune_vocab(english_student(), tok, texts)
+    rows = held_out_rows(tok, p.tokenizer, texts, folds=2, seed=0, max_length=8)
+    assert p.tokenizer.convert_ids_to_tokens(rows.input_ids[0, :5]) == ["[CLS]", "the", "cat", "[UNK]", "[SEP]"]
 
 
 @pytest.mark.parametrize("folds", [1, -1, 2.5])
