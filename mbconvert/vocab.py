@@ -23,7 +23,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .data import Encoded, Examples
+from .data import Encoded, Examples, encode
 from .errors import ConfigError, TokenizerError
 
 log = logging.getLogger("mbconvert")
@@ -222,8 +222,6 @@ def held_out_rows(source_tok, pruned_tok, examples: Examples, folds: int, seed: 
     48.6% of the test texts). Distilled towards the unpruned source's logits on the original text
     (mbconvert.pipeline), these rows teach the model such words at the rate a new text brings them: a fold's
     vocabulary comes from the other (k−1)/k of the texts, nearly all the texts the real one comes from."""
-    from .data import encode
-
     n = len(examples)
     fold = torch.empty(n, dtype=torch.long)
     fold[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] = torch.arange(n) % folds
