@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 
-from mbconvert.config import RecoveryConfig
 from mbconvert.errors import CorruptFileError, DataError, MbconvertError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -103,8 +102,7 @@ def measure(name: str, run_: dict, test, original_tokenizer) -> tuple[dict, torc
            "int8_agreement_fp32": art["onnx-int8"]["vs_fp32"]["argmax_agreement"],
            "onnx_parity": art["onnx"]["parity"], "test_rows": run_["export"]["inputs"]["rows"],
            "seq_len": run_["export"]["inputs"]["seq_len"], "export_warnings": run_["export"]["warnings"],
-           "recovery": {k: rec.get(k) for k in ("steps", "wall_s", "final_accuracy", "source_accuracy", "targets",
-                                                "training_rows")},
+           "recovery": {k: rec.get(k) for k in ("steps", "wall_s", "final_accuracy", "source_accuracy", "targets")},
            "convert_and_recover_s": run_["convert_s"], "folder": str(run_["out"])}
     if "vocabulary" in run_["conversion"]:
         row["vocabulary"] = run_["conversion"]["vocabulary"]  # conversion.json: sizes, savings, dev coverage
@@ -168,9 +166,7 @@ def run(args) -> dict:
                           limit=args.train_rows)
     del source
     # run.py's recovery settings for the suite, with a step count instead of its time budget
-    recovery = bench.recovery_config(None, args.seed, {**spec.get("recovery", {}), "steps": args.steps,
-                                                       **({} if args.resplit_folds is None else
-                                                          {"resplit_folds": args.resplit_folds})})
+    recovery = bench.recovery_config(None, args.seed, {**spec.get("recovery", {}), "steps": args.steps})
 
     rows, correct = {}, {}
     for name, prune in VARIANTS.items():
@@ -222,7 +218,6 @@ def render(results: dict, command: str) -> str:
               f"task LR {rc['lr']:g}, bf16 {'on' if rc['bf16'] else 'off'}, token-mixed rows {rc['mix_rows']:g}, keep "
               f"{rc['keep']}, no early stop) on {s['train_rows']:,} training rows"
               + (", model selection on the dev split. " if rc["keep"] == "best" else ". ")
-              + _resplit_text(rc, pr)
               + (f"The pruned vocabulary keeps at most {s['vocab_size_cap']:,} tokens, special tokens included and then "
                  f"the most frequent tokens "
                  f"of the {pr['vocabulary']['texts']:,} training texts ({s['vocab_from']}, min count "
@@ -251,17 +246,6 @@ def render(results: dict, command: str) -> str:
               "", "| target | measured | met? |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in results["targets"]]
     return "\n".join(lines) + "\n"
-
-
-def _resplit_text(rc: dict, pruned: dict) -> str:
-    """What the pruned recovery added: its held-out re-split rows (mbconvert.vocab.held_out_rows)."""
-    folds = rc.get("resplit_folds", 0)
-    if not folds:
-        return "The pruned recovery trains on the training texts only (`--resplit-folds 0`). "
-    added = ((pruned["recovery"].get("training_rows") or {}).get("re-split"))
-    return (f"The pruned recovery also trains on {added:,} re-split rows: each training text that reads differently "
-            f"when its fold's own tokens are dropped ({folds} folds, `--resplit-folds {folds}`), distilled towards "
-            "the unpruned student's logits on the original text. ")
 
 
 def _shown(path: str) -> str:
@@ -299,22 +283,17 @@ def main() -> None:
     p.add_argument("--embedding-bits", type=int, default=8, choices=(8, 4),
                    help="word-embedding bits in both INT8 files (mbconvert export --embedding-bits; default 8); 4 "
                         "adds -e4 to the section")
-    p.add_argument("--resplit-folds", type=int, help="the pruned recovery's held-out re-split folds (mbconvert "
-                   "--resplit-folds; default: mbconvert's, 10); another value adds -r<N> to the section")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)")
     args = p.parse_args()
     section = (args.suite + (f"-ffn{args.ffn}" if args.ffn != 4 else "")
                + (f"-m{args.vocab_min_count}" if args.vocab_min_count != 1 else "")
                + (f"-v{args.vocab_size}" if args.vocab_size else "")
                + ("-e4" if args.embedding_bits == 4 else "")
-               + (f"-r{args.resplit_folds}" if args.resplit_folds not in (None, RecoveryConfig().resplit_folds) else "")
                + (f"-s{args.seed}" if args.seed else ""))
     for name in ("steps", "train_rows", "bottleneck", "threads", "ffn", "vocab_size", "vocab_min_count"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, not {value}")
-    if args.resplit_folds is not None and (args.resplit_folds < 0 or args.resplit_folds == 1):
-        p.error(f"--resplit-folds is 0 (off) or at least 2, not {args.resplit_folds}")
     command = shlex.join(["python", "benchmarks/vocab.py", *sys.argv[1:]])
     start = time.time()
     try:  # bad markers fail now, not after the run

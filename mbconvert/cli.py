@@ -129,7 +129,7 @@ def _recover_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     g.add_argument("--eval", help="dev data for early stopping and the summary")
     g.add_argument("--budget", help=RecoveryConfig.help("budget_s"))
     for name in ("steps", "epochs", "batch_size", "max_length", "lr", "layerwise_share", "temperature", "alpha",
-                 "tolerance", "eval_every", "mix_rows", "resplit_folds", "bf16", "attention_loss"):
+                 "tolerance", "eval_every", "mix_rows", "bf16", "attention_loss"):
         _field(RecoveryConfig, name, g)
     _field(RecoveryConfig, "ema_decay", g, "--ema", metavar="DECAY")
     g.add_argument("--no-early-stop", action="store_true", help="use the whole length; the best dev model is kept")

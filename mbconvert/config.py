@@ -124,8 +124,6 @@ class RecoveryConfig(_Config):
     mix_rows: float = option(0.0, "share of each batch's rows whose tokens are mixed and labelled live by the "
                                   "source model (augmentation for small training sets)")
     mix_tokens: float = option(0.2, "in a mixed row, the chance that each token is swapped")
-    resplit_folds: int = option(10, "a pruned vocabulary (--prune-vocab): also train on each text re-split as if "
-                                    "it were new (its fold's own tokens dropped, this many folds; 0 = off)")
     bf16: bool = option(False, "bfloat16 autocast for training steps (CPUs with AVX512-BF16/AMX, recent GPUs)")
     ema_decay: float | None = option(None, "evaluate and keep a moving average of the weights, e.g. 0.995")
     keep: str = option("best", "which weights to keep: best (dev evaluation) or last", choices=("best", "last"))
@@ -153,9 +151,6 @@ class RecoveryConfig(_Config):
         _choice("attention_loss", self.attention_loss, ("relation_kl", "attention_kl_mean_heads",
                                                         "attention_kl_mapped"))
         _number("relation_heads", self.relation_heads, 1, integer=True)
-        _number("resplit_folds", self.resplit_folds, 0, integer=True)
-        _check(self.resplit_folds != 1, "resplit_folds is 0 (off) or at least 2: one fold has no other texts to "
-                                        "build its vocabulary from")
         _number("ema_decay", self.ema_decay, 0, 1, lo_open=True, optional=True)
         _choice("keep", self.keep, ("best", "last"))
         _number("tolerance", self.tolerance, 0, 100, optional=True)

@@ -196,20 +196,6 @@ class Encoded:
             out["labels"] = self.labels[idx]
         return out
 
-    def take(self, idx: torch.Tensor) -> "Encoded":
-        """The rows `idx`, in that order, at the same width."""
-        return Encoded(self.input_ids[idx], self.attention_mask[idx], self.token_type_ids[idx],
-                       None if self.labels is None else self.labels[idx])
-
-    def extended(self, other: "Encoded") -> "Encoded":
-        """These rows followed by `other`'s (the same width, both labelled or both not)."""
-        if other.max_length != self.max_length or (other.labels is None) != (self.labels is None):
-            raise ValueError("only rows of the same width, both labelled or both not, can be joined")
-        return Encoded(*(torch.cat([a, b]) for a, b in zip(
-            (self.input_ids, self.attention_mask, self.token_type_ids), (other.input_ids, other.attention_mask,
-                                                                          other.token_type_ids))),
-                       None if self.labels is None else torch.cat([self.labels, other.labels]))
-
     @property
     def lengths(self) -> torch.Tensor:
         """Real tokens per row (length bucketing, length order; mbconvert.corpus.Corpus has the same)."""

@@ -34,7 +34,7 @@ from .family_mapping import describe
 from .fileio import atomic_dir, check_output_dir, write_json
 from .load import SourceModel, is_converted, load_classifier, load_source
 from .numerics import activation_peaks
-from .vocab import converted_saving, same_vocab, with_held_out_rows
+from .vocab import converted_saving, same_vocab
 
 log = logging.getLogger("mbconvert")
 CONVERSION_FILE, RECOVERY_FILE, VOCAB_FILE = "conversion.json", "recovery.json", "vocabulary.json"
@@ -304,23 +304,12 @@ def _recover(mobile, src: SourceModel, out: Path, conversion: dict | None, train
         rows = {"labelled": len(train) if train.labels is not None else 0,
                 "unlabelled": (len(train) if train.labels is None else 0) + (len(unlabelled) if unlabelled else 0)}
     logit_rows = None if logits_from is None else (logits_from.model, encoded(logits_from.tokenizer))
-    if logit_rows is not None and cfg.resplit_folds and isinstance(train, Examples):
-        train_enc, row_of, rows["re-split"] = with_held_out_rows(
-            train_enc, logits_from.tokenizer, tokenizer,
-            train if unlabelled is None else with_unlabelled(train, unlabelled), cfg.resplit_folds, cfg.seed)
-        logit_rows = (*logit_rows, row_of)
-        log.info("pruned vocabulary: %d training texts read differently when held out of it; added re-split",
-                 rows["re-split"])
-    elif logit_rows is not None and cfg.resplit_folds:
-        log.warning("pruned vocabulary: streamed training texts are not re-split as if new (--resplit-folds needs "
-                    "them in memory; --stream off adds them)")
     eval_enc = _encode_for(mobile, _examples(eval_data, mobile.config), tokenizer, cfg, run) \
         if eval_data is not None else None
     done = _read_json(out / RECOVERY_FILE) if resume else None
     if done is not None:  # a finished run: resuming it is a no-op when it is this run and `mobile` is its result
         teacher = targets_key(model_key(src.model), None if logit_rows is None else
-                              (model_key(logit_rows[0]), data_key(logit_rows[1])),
-                              None if logit_rows is None or len(logit_rows) < 3 else logit_rows[2])
+                              (model_key(logit_rows[0]), data_key(logit_rows[1])))
         expected = fingerprint(cfg.to_dict(), teacher, "", data_key(train_enc), data_key(eval_enc))
         if same_run(done.get("fingerprint"), expected, ignore=("start",)) and done.get("weights") == model_key(mobile):
             log.info("resuming: %s already holds this recovery (%d steps); nothing to do", out, done.get("steps", 0))

@@ -88,14 +88,9 @@ def teacher_logits(teacher, data: Encoded, device, batch_size: int, cache_dir=No
     return distributed.cached(group, cache_dir, "teacher-logits", key, compute)["logits"].to(device)
 
 
-def targets_key(teacher_key: str, logits_keys: tuple[str, str] | None = None, row_of: torch.Tensor | None = None
-                ) -> str:
-    """The teacher's part of a run's fingerprint: its content key, the (model, rows) keys of `logits_from`, and its
-    row map."""
-    from .cache import content_key
-
-    key = teacher_key if logits_keys is None else f"{teacher_key}+logits:{logits_keys[0]}-{logits_keys[1]}"
-    return key if row_of is None else f"{key}@{content_key(row_of)}"
+def targets_key(teacher_key: str, logits_keys: tuple[str, str] | None = None) -> str:
+    """The teacher's part of a run's fingerprint: its content key, and the (model, rows) keys of `logits_from`."""
+    return teacher_key if logits_keys is None else f"{teacher_key}+logits:{logits_keys[0]}-{logits_keys[1]}"
 
 
 @contextlib.contextmanager
@@ -127,10 +122,10 @@ class Recovery:
         self.device = self.group.local(self.device)
         self.keys = {"teacher": model_key(teacher), "train": data_key(train),
                      "eval": data_key(eval_data)}  # content keys, hashed once per run
-        self.logits_from, self.row_of = (None, None) if logits_from is None else (logits_from[:2], logits_from[2])
+        self.logits_from = logits_from
         if logits_from is not None:
             self.keys["logits"] = (model_key(logits_from[0]), data_key(logits_from[1]))
-        targets = targets_key(self.keys["teacher"], self.keys.get("logits"), self.row_of)
+        targets = targets_key(self.keys["teacher"], self.keys.get("logits"))
         self.fingerprint = checkpoint.fingerprint(cfg.to_dict(), targets, model_key(student), self.keys["train"],
                                                   self.keys["eval"])
         self.student = student.to(self.device)
@@ -322,8 +317,6 @@ class Recovery:
         self.teacher_logits = teacher_logits(model.to(self.device).eval(), rows, self.device, 2 * self.cfg.batch_size,
                                              self.cache_dir, desc="source logits (training data)", keys=keys,
                                              group=self.group)
-        if self.row_of is not None:  # logits_from's rows are the texts; a training row reads its text's logits
-            self.teacher_logits = self.teacher_logits[self.row_of.to(self.teacher_logits.device)]
         self.teacher_logits_s = round(time.monotonic() - started, 2)  # ~0 when read back from the cache
         if self.eval_data is not None:
             self.teacher_eval_logits = self._teacher_eval_logits()
@@ -476,9 +469,6 @@ def recover(mobilebert, teacher, train_data: Encoded, config: RecoveryConfig | N
     job). `head_map[l]` lists, for each MobileBERT head of layer l, the source head it came from (only
     `attention_loss='attention_kl_mapped'` uses it). On return the model holds the best weights seen on the dev
     data (the last ones without dev data or with keep="last"). Raises TrainingDivergedError on a non-finite loss.
-    `logits_from`: (model, rows) whose logits on `rows` (one per training row) are the task stage's targets instead
-    of the teacher's on `train_data` (a pruned conversion: the unpruned source on its own tokens), or (model, rows,
-    row_of): training row i distils the logits of rows[row_of[i]] (several training rows, one text).
     """
     cfg, run = config or RecoveryConfig(), run or RunOptions()
     n_labels = mobilebert.config.num_labels
@@ -492,16 +482,10 @@ def recover(mobilebert, teacher, train_data: Encoded, config: RecoveryConfig | N
     if run.threads:
         torch.set_num_threads(run.threads)
     if logits_from is not None:
-        model, rows, *row_of = logits_from
-        row_of = row_of[0] if row_of else None
-        if row_of is None and len(rows) != len(train_data):
+        model, rows = logits_from
+        if len(rows) != len(train_data):
             raise DataError(f"logits_from has {len(rows)} rows, the training data {len(train_data)}: they must be the "
                             "same texts")
-        if row_of is not None and (len(row_of) != len(train_data) or not len(rows) or
-                                   int(row_of.min()) < 0 or int(row_of.max()) >= len(rows)):
-            raise DataError(f"logits_from's row map has {len(row_of)} entries for {len(train_data)} training rows, "
-                            f"or points outside its {len(rows)} rows")
-        logits_from = (model, rows, row_of)
         if model.config.num_labels != n_labels:
             raise ShapeMismatchError(f"the logits_from model has {model.config.num_labels} classes, the MobileBERT "
                                      f"{n_labels}")

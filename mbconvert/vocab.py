@@ -23,7 +23,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .data import Encoded, Examples, encode
+from .data import Examples
 from .errors import ConfigError, TokenizerError
 
 log = logging.getLogger("mbconvert")
@@ -209,54 +209,6 @@ def prune_to_tokenizer(model, tokenizer, target):
         raise TokenizerError(f"the model's tokenizer has {len(missing)} tokens the source's has not (e.g. "
                              f"{missing[0]!r}): it was not pruned from this source's vocabulary")
     return prune_embeddings(model, [old[t] for t, _ in sorted(new.items(), key=lambda kv: kv[1])])
-
-
-# ----------------------------------------------------------------------------------------------- held-out re-splits
-def held_out_rows(source_tok, pruned_tok, examples: Examples, folds: int, seed: int, max_length: int) -> Encoded:
-    """Each text of `examples` as the pruned tokenizer would read it had the text not been among those the
-    vocabulary was built from: the rows fall into `folds` seeded folds, and a fold's texts are tokenised with the
-    pruned vocabulary less the tokens that occur in that fold only (ids: the pruned tokenizer's; width `max_length`).
-
-    A vocabulary pruned to the training texts holds every token of them, so training never shows the model a word
-    its tokenizer re-splits into other kept pieces (or reads as [UNK]), while a new text often has one (AG News:
-    48.6% of the test texts). Distilled towards the unpruned source's logits on the original text
-    (mbconvert.pipeline), these rows teach the model such words at the rate a new text brings them: a fold's
-    vocabulary comes from the other (k−1)/k of the texts, nearly all the texts the real one comes from."""
-    n = len(examples)
-    fold = torch.empty(n, dtype=torch.long)
-    fold[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] = torch.arange(n) % folds
-    source_vocab, pruned_vocab = source_tok.get_vocab(), pruned_tok.get_vocab()
-    token_of = {i: t for t, i in source_vocab.items()}
-    kept = {source_vocab[t] for t in pruned_vocab}
-    specials = kept & set(special_ids(source_tok))  # [UNK] may be a text's token: never dropped
-    seen: list[set[int]] = [set() for _ in range(folds)]
-    for part in (examples.texts, examples.text_pairs or []):
-        for k, ids in enumerate(_ids(source_tok, part)):
-            seen[int(fold[k])].update(ids)
-    width = (n, max_length)
-    out = [torch.zeros(width, dtype=torch.long) for _ in range(3)]
-    for k in range(folds):
-        rows = torch.nonzero(fold == k).flatten()
-        if not len(rows):
-            continue
-        elsewhere = set().union(*(seen[j] for j in range(folds) if j != k))
-        vocab = sorted((kept - (seen[k] - elsewhere)) | specials)
-        enc = encode(examples.take(rows.tolist()), prune_tokenizer(source_tok, vocab), max_length=max_length)
-        to_pruned = torch.tensor([pruned_vocab[token_of[i]] for i in vocab])
-        for o, t in zip(out, (to_pruned[enc.input_ids], enc.attention_mask, enc.token_type_ids)):
-            o[rows] = t
-    labels = None if examples.labels is None else torch.tensor(examples.labels, dtype=torch.long)
-    return Encoded(*out, labels)
-
-
-def with_held_out_rows(train: Encoded, source_tok, pruned_tok, examples: Examples, folds: int, seed: int
-                       ) -> tuple[Encoded, torch.Tensor, int]:
-    """`train` (the pruned tokens of `examples`) extended by the held-out re-split (held_out_rows) of every text it
-    changes; returns the rows, the text of each row (an index into `examples`: the row distils the unpruned
-    source's logits on that text) and the number of rows added."""
-    resplit = held_out_rows(source_tok, pruned_tok, examples, folds, seed, train.max_length)
-    changed = torch.nonzero((resplit.input_ids != train.input_ids).any(1)).flatten()
-    return train.extended(resplit.take(changed)), torch.cat([torch.arange(len(train)), changed]), len(changed)
 
 
 # ----------------------------------------------------------------------------------------------- coverage

@@ -115,45 +115,6 @@ def test_vocab_size_and_min_count_select_as_specified(tokenizer):
     assert p.report["vocab_size_after"] == 7 and p.report["seen_but_dropped"] == 2
 
 
-def test_a_held_out_text_is_read_with_the_vocabulary_of_the_other_texts():
-    """The re-split rows of a pruned recovery (--resplit-folds): with as many folds as texts, each text is tokenised
-    with the tokens of the others only, as a new text would be; a text whose tokens all occur elsewhere is unchanged
-    and not added."""
-    from mbconvert.data import Examples, encode
-    from mbconvert.vocab import held_out_rows, with_held_out_rows
-
-    tok = english_tokenizer()
-    texts = Examples(["the cat playing", "the cat playin playg", "the dog sat", "the cat"], None, [0, 1, 2, 0])
-    p = prune_vocab(english_student(), tok, texts)
-    rows = held_out_rows(tok, p.tokenizer, texts, folds=4, seed=0, max_length=12)
-    read = [p.tokenizer.convert_ids_to_tokens(ids[mask.bool()]) for ids, mask in zip(rows.input_ids,
-                                                                                       rows.attention_mask)]
-    assert read == [["[CLS]", "the", "cat", "play", "##in", "##g", "[SEP]"],  # ##ing is in this text only
-                    ["[CLS]", "the", "cat", "[UNK]", "[UNK]", "[SEP]"],  # ##in and ##g are in this text only
-                    ["[CLS]", "the", "[UNK]", "[UNK]", "[SEP]"],  # dog, sat
-                    ["[CLS]", "the", "cat", "[SEP]"]]
-    assert rows.labels.tolist() == [0, 1, 2, 0]
-    train = encode(texts, p.tokenizer, max_length=12)
-    extended, row_of, added = with_held_out_rows(train, tok, p.tokenizer, texts, folds=4, seed=0)
-    assert added == 3 and row_of.tolist() == [0, 1, 2, 3, 0, 1, 2]
-    assert torch.equal(extended.input_ids[:4], train.input_ids)
-    assert torch.equal(extended.input_ids[4:], rows.input_ids[:3])
-    assert extended.labels.tolist() == [0, 1, 2, 0, 0, 1, 2]
-    # a text the source already reads with [UNK] (no "x" in its vocabulary): [UNK] stays in every fold's vocabulary
-    texts = Examples(["the cat x", "the cat"], None, None)
-    p = prune_vocab(english_student(), tok, texts)
-    rows = held_out_rows(tok, p.tokenizer, texts, folds=2, seed=0, max_length=8)
-    assert p.tokenizer.convert_ids_to_tokens(rows.input_ids[0, :5]) == ["[CLS]", "the", "cat", "[UNK]", "[SEP]"]
-
-
-@pytest.mark.parametrize("folds", [1, -1, 2.5])
-def test_resplit_folds_is_off_or_at_least_two(folds):
-    from mbconvert.config import RecoveryConfig
-
-    with pytest.raises(ConfigError, match="resplit_folds"):
-        RecoveryConfig(resplit_folds=folds)
-
-
 @pytest.mark.parametrize("fields", [dict(vocab_size=0), dict(vocab_size=-3), dict(vocab_size=math.nan),
                                     dict(vocab_min_count=0), dict(vocab_min_count=-1), dict(vocab_min_count=math.nan),
                                     dict(vocab_min_count=1.5)])
@@ -293,16 +254,6 @@ def test_a_pruned_conversion_distils_the_unpruned_source_reading_its_own_tokens(
     capped, unpruned = (json.loads((tmp_path / d / "recovery.json").read_text()) for d in ("capped", "unpruned"))
     assert "unpruned source" in capped["targets"] and "targets" not in unpruned
     assert capped["weights"] != unpruned["weights"]
-    # the texts re-split as if new (held out of the vocabulary) train too, against the same cached logits
-    assert 0 < capped["training_rows"]["re-split"] <= 40 and "re-split" not in unpruned["training_rows"]
-    longer = [*common, "--steps", "8"]  # the last --steps counts: the first step of each stage is warm-up (LR 0)
-    for folds in ("10", "0"):
-        assert cli(student["student"], *longer, "--prune-vocab", "--vocab-size", "64", "--resplit-folds", folds,
-                   "-o", tmp_path / f"folds{folds}") == 0
-    assert len(list(cache.glob("teacher-logits-*"))) == 1
-    on, off = (json.loads((tmp_path / d / "recovery.json").read_text()) for d in ("folds10", "folds0"))
-    assert on["training_rows"] == capped["training_rows"] and "re-split" not in off["training_rows"]
-    assert on["weights"] != off["weights"]
 
 
 def test_the_source_of_a_pruned_conversion_is_pruned_to_its_tokenizer(tokenizer):
