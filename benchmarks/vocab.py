@@ -111,6 +111,30 @@ def measure(name: str, run_: dict, test, original_tokenizer) -> tuple[dict, torc
     return row, correct
 
 
+def student_cost(student: Path, pruned_dir: str, test) -> dict:
+    """What the pruning costs the student itself: the unpruned student on its own tokens vs the student pruned to the
+    conversion's vocabulary (mbconvert.vocab: exact on texts whose tokens were all kept) on the pruned tokens, PyTorch
+    FP32 on the test texts. The MobileBERT's difference includes this, which comes before any conversion."""
+    from transformers import AutoTokenizer
+
+    from mbconvert.data import encode
+    from mbconvert.load import load_classifier
+    from mbconvert.similarity import predict_logits
+    from mbconvert.vocab import prune_to_tokenizer
+
+    model, tok = load_classifier(student)
+    pruned_tok = AutoTokenizer.from_pretrained(pruned_dir)
+    correct = {}
+    for name, (m, t) in {"unpruned": (model, tok), "pruned": (prune_to_tokenizer(model, tok, pruned_tok),
+                                                              pruned_tok)}.items():
+        enc = encode(test, t, cap=m.config.max_position_embeddings)
+        correct[name] = predict_logits(m, enc).argmax(-1) == enc.labels
+    a, b = correct["unpruned"], correct["pruned"]
+    return {"accuracy_unpruned": float(a.float().mean()), "accuracy_pruned": float(b.float().mean()),
+            "points": 100 * float(b.float().mean() - a.float().mean()), "texts_lost": int((a & ~b).sum()),
+            "texts_gained": int((~a & b).sum())}
+
+
 def compare(rows: dict, correct: dict) -> dict:
     """Pruned − unpruned: test accuracy in points (ONNX FP32, INT8) and the paired statistics of PyTorch FP32."""
     from mbconvert.stats import paired_accuracy
@@ -173,6 +197,7 @@ def run(args) -> dict:
         done = convert_variant(name, prune, student, data, train, recovery, args, work)
         rows[name], correct[name] = measure(name, done, test, tokenizer)
     diff = compare(rows, correct)
+    cost = student_cost(student, rows["pruned"]["folder"], test)
     return {"suite": args.suite, "date": str(date.today()),
             "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                         "threads": args.threads},
@@ -183,7 +208,7 @@ def run(args) -> dict:
                          "vocab_from": "train.jsonl, all rows", "vocab_min_count": args.vocab_min_count,
                          "embedding_bits": args.embedding_bits,
                          "recovery_config": recovery.to_dict(), "work": str(work)},
-            "variants": rows, "pruned_vs_unpruned": diff,
+            "variants": rows, "pruned_vs_unpruned": diff, "student_pruning": cost,
             "targets": targets(args.suite, rows, diff, args.embedding_bits)}
 
 
@@ -237,6 +262,7 @@ def render(results: dict, command: str) -> str:
               f"{p['difference_points']:+.2f} pt, 95% CI {lo:+.2f} to {hi:+.2f} pt, McNemar p {p['mcnemar_p']:.2g}, "
               f"same right/wrong on {100 * d['agreement_fp32']:.1f}% of the texts"
               + (f"; {p['warning']}" if p["warning"] else "") + ".",
+              *_student_text(results.get("student_pruning")),
               "Recovery, dev accuracy of the kept weights (the student's in brackets, for the pruned conversion the "
               "pruned student's; its targets: " + (pr["recovery"].get("targets") or "the pruned student's logits")
               + "): " + ", ".join(
@@ -246,6 +272,16 @@ def render(results: dict, command: str) -> str:
               "", "| target | measured | met? |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in results["targets"]]
     return "\n".join(lines) + "\n"
+
+
+def _student_text(cost: dict | None) -> list[str]:
+    """The pruning's cost to the student itself (student_cost), when the run measured it."""
+    if cost is None:
+        return []
+    return [f"The student itself, pruned to the same vocabulary (PyTorch FP32, exact on texts whose tokens were all "
+            f"kept): test {cost['accuracy_unpruned']:.4f} → {cost['accuracy_pruned']:.4f} ({cost['points']:+.2f} pt; "
+            f"{cost['texts_lost']} texts lost, {cost['texts_gained']} gained): what the pruning costs before any "
+            "conversion."]
 
 
 def _shown(path: str) -> str:
