@@ -70,6 +70,7 @@ def convert_variant(name: str, prune: bool, student: Path, data: Path, train, re
     conversion = convert_checkpoint(str(student), out, ConvertConfig(bottleneck=args.bottleneck, prune_vocab=prune,
                                                                      seed=args.seed, ffn=args.ffn,
                                                                      vocab_size=args.vocab_size if prune else None,
+                                                                     vocab_fill=args.vocab_fill and prune,
                                                                      vocab_min_count=args.vocab_min_count if prune else 1),
                                     train=train, eval_data=data / "dev.jsonl", recovery=recovery,
                                     run=RunOptions(threads=args.threads, cache_dir=str(work / "cache")),
@@ -204,6 +205,7 @@ def run(args) -> dict:
             "versions": versions("onnx", "onnxruntime"),
             "settings": {"student": str(student), "data": str(data), "steps": args.steps, "seed": args.seed,
                          "bottleneck": args.bottleneck, "ffn": args.ffn, "vocab_size_cap": args.vocab_size,
+                         "vocab_fill": args.vocab_fill,
                          "train_rows": len(train), "test_rows": len(test),
                          "vocab_from": "train.jsonl, all rows", "vocab_min_count": args.vocab_min_count,
                          "embedding_bits": args.embedding_bits,
@@ -243,7 +245,13 @@ def render(results: dict, command: str) -> str:
               f"task LR {rc['lr']:g}, bf16 {'on' if rc['bf16'] else 'off'}, token-mixed rows {rc['mix_rows']:g}, keep "
               f"{rc['keep']}, no early stop) on {s['train_rows']:,} training rows"
               + (", model selection on the dev split. " if rc["keep"] == "best" else ". ")
-              + (f"The pruned vocabulary keeps at most {s['vocab_size_cap']:,} tokens, special tokens included and then "
+              + (f"The pruned vocabulary keeps the special tokens and every token of the "
+                 f"{pr['vocabulary']['texts']:,} training texts ({s['vocab_from']}, min count {s['vocab_min_count']}), "
+                 f"then fills the room up to {s['vocab_size_cap']:,} tokens with the {pr['vocabulary']['filled']:,} "
+                 "dropped words whose re-split reading changes the student's prediction on the word most "
+                 "(`--vocab-fill`, mbconvert.vocab.fill_tokens). "
+                 if s.get("vocab_fill") else
+                 f"The pruned vocabulary keeps at most {s['vocab_size_cap']:,} tokens, special tokens included and then "
                  f"the most frequent tokens "
                  f"of the {pr['vocabulary']['texts']:,} training texts ({s['vocab_from']}, min count "
                  f"{s['vocab_min_count']}). "
@@ -314,6 +322,8 @@ def main() -> None:
                                                       "writes the section vocab:<suite>-ffn<N>)")
     p.add_argument("--vocab-size", type=int, help="keep at most this many tokens (the most frequent; mbconvert "
                                                    "--vocab-size); adds -v<N> to the section name")
+    p.add_argument("--vocab-fill", action="store_true", help="with --vocab-size: fill the room left with the dropped "
+                   "words that change the student's prediction most (mbconvert --vocab-fill); adds -fill to the section")
     p.add_argument("--vocab-min-count", type=int, default=1, help="keep only tokens seen at least N times in the "
                    "training texts (mbconvert --vocab-min-count; default 1); another value adds -m<N> to the section")
     p.add_argument("--embedding-bits", type=int, default=8, choices=(8, 4),
@@ -323,11 +333,13 @@ def main() -> None:
     args = p.parse_args()
     section = (args.suite + (f"-ffn{args.ffn}" if args.ffn != 4 else "")
                + (f"-m{args.vocab_min_count}" if args.vocab_min_count != 1 else "")
-               + (f"-v{args.vocab_size}" if args.vocab_size else "")
+               + (f"-v{args.vocab_size}" if args.vocab_size else "") + ("-fill" if args.vocab_fill else "")
                + ("-e4" if args.embedding_bits == 4 else "")
                + (f"-s{args.seed}" if args.seed else ""))
     for name in ("steps", "train_rows", "bottleneck", "threads", "ffn", "vocab_size", "vocab_min_count"):
         value = getattr(args, name)
+        if args.vocab_fill and args.vocab_size is None:
+            p.error("--vocab-fill fills the vocabulary up to --vocab-size: pass it")
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, not {value}")
     command = shlex.join(["python", "benchmarks/vocab.py", *sys.argv[1:]])

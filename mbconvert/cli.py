@@ -117,7 +117,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def _vocab_args(p, required: bool = False) -> None:
     p.add_argument("--vocab-from", required=required, help="texts whose tokens are kept (JSONL/CSV/TSV, or .txt: one "
                    "text per line)" + ("" if required else "; default: --train, else --calib"))
-    for name in ("vocab_min_count", "vocab_size"):
+    for name in ("vocab_min_count", "vocab_size", "vocab_fill"):
         _field(ConvertConfig, name, p)
 
 

@@ -73,6 +73,8 @@ class ConvertConfig(_Config):
     vocab_min_count: int = option(1, "with --prune-vocab: keep only the tokens seen at least this many times")
     vocab_size: int | None = option(None, "with --prune-vocab: keep at most this many tokens, special tokens "
                                           "included (the most frequent; ties: the lower id)")
+    vocab_fill: bool = option(False, "with --prune-vocab and --vocab-size K: fill the room left up to K with the "
+                                     "dropped words whose loss changes the source's prediction on them most")
     seed: int = option(0, "random seed")
 
     def __post_init__(self):
@@ -91,8 +93,12 @@ class ConvertConfig(_Config):
         _check(isinstance(self.prune_vocab, bool), f"prune_vocab must be True or False, not {self.prune_vocab!r}")
         _number("vocab_min_count", self.vocab_min_count, 1, integer=True)
         _number("vocab_size", self.vocab_size, 1, integer=True, optional=True)
-        _check(self.prune_vocab or (self.vocab_min_count == 1 and self.vocab_size is None),
-               "vocab_min_count and vocab_size select the tokens --prune-vocab keeps: pass --prune-vocab too")
+        _check(isinstance(self.vocab_fill, bool), f"vocab_fill must be True or False, not {self.vocab_fill!r}")
+        _check(self.prune_vocab or (self.vocab_min_count == 1 and self.vocab_size is None and not self.vocab_fill),
+               "vocab_min_count, vocab_size and vocab_fill select the tokens --prune-vocab keeps: pass --prune-vocab "
+               "too")
+        _check(not self.vocab_fill or self.vocab_size is not None,
+               "vocab_fill fills the vocabulary up to vocab_size: pass --vocab-size K too")
         _number("seed", self.seed, 0, integer=True)
 
 

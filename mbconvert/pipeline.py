@@ -193,7 +193,8 @@ def _prune(src: SourceModel, config: ConvertConfig, vocab_from, texts: Examples 
         raise ConfigError("--prune-vocab keeps the tokens of the task's texts: pass --vocab-from FILE, --train or "
                           "--calib")
     original = src.tokenizer
-    src, report = prune_source(src, texts, min_count=config.vocab_min_count, size=config.vocab_size)
+    src, report = prune_source(src, texts, min_count=config.vocab_min_count, size=config.vocab_size,
+                               fill=config.vocab_fill)
     if eval_ex is not None:
         report["coverage"] = coverage(original, src.tokenizer, eval_ex)
     log.info("vocabulary pruned to the tokens of %d texts: %d → %d tokens%s", report["texts"],

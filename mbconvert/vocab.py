@@ -3,7 +3,8 @@ tokenizer to match (`mbconvert SOURCE --prune-vocab`, `mbconvert prune-vocab`).
 
 A 21k-token Chinese vocabulary spends most of a small model's embedding rows on tokens a task never sees. The kept
 tokens are the special ones plus those that occur in the given texts (optionally only those seen `min_count` times,
-or the `size` most frequent); new ids follow the old ids' order. The pruning is exact: WordPiece takes the longest
+or the `size` most frequent; with `fill`, the room left up to `size` goes to the dropped words whose loss changes the
+model's prediction most); new ids follow the old ids' order. The pruning is exact: WordPiece takes the longest
 vocabulary entry at each step, and every entry of the old segmentation of a text whose tokens were all kept is
 still the longest in the smaller vocabulary, so such a text gets the same tokens, remapped, and the pruned model
 the same logits. A word that needs a dropped token becomes [UNK] (or, in English, other kept pieces).
@@ -23,7 +24,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .data import Examples
+from .data import Examples, encode
 from .errors import ConfigError, TokenizerError
 
 log = logging.getLogger("mbconvert")
@@ -75,6 +76,41 @@ def select_tokens(counts: Counter, specials, min_count: int = 1, size: int | Non
     if size is not None:
         others = sorted(others, key=lambda i: (-counts[i], i))[:size - len(specials)]
     return sorted(specials | set(others))
+
+
+def fill_tokens(model, tokenizer, kept: list[int], size: int, batch_size: int = 256) -> list[int]:
+    """`kept` plus up to `size - len(kept)` more old ids, ascending: the dropped words (tokens that the tokenizer
+    reads, alone, as themselves) whose pruned reading changes `model`'s prediction on the word most.
+
+    A vocabulary built from the task's texts re-splits or drops the words those texts lack ("casualties" →
+    "casual ##ties"); which of them a test text will bring is unknown, but what reading the word wrong does to the
+    model is not: each candidate is scored by the KL divergence from the model's class distribution on the word
+    read with the full vocabulary to that on the word read with `kept` (ties: the lower id), and the highest fill
+    the room. Deterministic: the same model, tokenizer and `kept` give the same ids."""
+    from .similarity import predict_logits
+
+    room = size - len(kept)
+    old = {i: t for t, i in tokenizer.get_vocab().items()}
+    dropped = sorted(set(old) - set(kept))
+    if room <= 0 or not dropped:
+        return sorted(kept)
+    strings = [old[i] for i in dropped]
+    reads = [ids for ids in _ids(tokenizer, strings)]
+    words = [(i, w) for i, w, ids in zip(dropped, strings, reads) if ids == [i]]
+    if not words:
+        return sorted(kept)
+    texts = Examples([w for _, w in words], None, None)
+    cap = model.config.max_position_embeddings
+    with torch.no_grad():
+        full = predict_logits(model, encode(texts, tokenizer, cap=cap), batch_size).double().log_softmax(-1)
+        small = prune_embeddings(model, sorted(kept))
+        part = predict_logits(small, encode(texts, prune_tokenizer(tokenizer, sorted(kept)), cap=cap),
+                              batch_size).double().log_softmax(-1)
+    kl = (full.exp() * (full - part)).sum(-1).tolist()
+    best = sorted(range(len(words)), key=lambda k: (-kl[k], words[k][0]))[:room]
+    log.info("vocabulary filled with %d of %d dropped words (the largest change of prediction, KL %.3g … %.3g)",
+             len(best), len(words), kl[best[0]], kl[best[-1]])
+    return sorted(set(kept) | {words[k][0] for k in best})
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -172,31 +208,38 @@ class PrunedVocab:
     report: dict
 
 
-def prune_vocab(model, tokenizer, texts, *, min_count: int = 1, size: int | None = None) -> PrunedVocab:
+def prune_vocab(model, tokenizer, texts, *, min_count: int = 1, size: int | None = None,
+                fill: bool = False) -> PrunedVocab:
     """Prune `model`'s word embeddings and `tokenizer` to the special tokens and the tokens of `texts` (a list of
-    texts or `Examples`) seen at least `min_count` times, at most `size` entries (specials included)."""
+    texts or `Examples`) seen at least `min_count` times, at most `size` entries (specials included); with `fill`,
+    exactly `size` entries where the tokenizer has that many: the room left goes to `fill_tokens`."""
+    if fill and size is None:
+        raise ConfigError("filling the vocabulary needs its size (vocab_size)")
     _backend(tokenizer)
     texts = texts if isinstance(texts, Examples) else Examples(list(texts), None, None)
     counts = count_tokens(tokenizer, texts)
     specials = special_ids(tokenizer)
     kept = select_tokens(counts, specials, min_count, size)
+    selected = len(kept)
+    if fill:
+        kept = fill_tokens(model, tokenizer, kept, size)
     new_tok = prune_tokenizer(tokenizer, kept)
     pruned = prune_embeddings(model, kept)
     table = model.get_input_embeddings().weight
     (before, hidden), seen = table.shape, len(set(counts) - set(specials))
     report = {"vocab_size_before": before, "vocab_size_after": len(kept), "special_tokens": len(specials),
               "min_count": min_count, "max_size": size, "texts": len(texts), "tokens_seen": seen,
-              "seen_but_dropped": seen - (len(kept) - len(specials)),
+              "seen_but_dropped": seen - (selected - len(specials)), "filled": len(kept) - selected,
               "source_parameters_saved": (before - len(kept)) * hidden,
               "source_bytes_saved": (before - len(kept)) * hidden * table.element_size()}
     return PrunedVocab(pruned, new_tok, kept, report)
 
 
-def prune_source(src, texts, *, min_count: int = 1, size: int | None = None):
+def prune_source(src, texts, *, min_count: int = 1, size: int | None = None, fill: bool = False):
     """`prune_vocab` for a loaded `SourceModel` (mbconvert.load): returns (pruned SourceModel, report)."""
     if src.tokenizer is None:
         raise TokenizerError(f"no tokenizer beside {src.path}: pruning the vocabulary needs one; pass --tokenizer DIR")
-    p = prune_vocab(src.model, src.tokenizer, texts, min_count=min_count, size=size)
+    p = prune_vocab(src.model, src.tokenizer, texts, min_count=min_count, size=size, fill=fill)
     return dataclasses.replace(src, model=p.model, tokenizer=p.tokenizer), p.report
 
 

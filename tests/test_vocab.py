@@ -17,7 +17,7 @@ import helpers
 from mbconvert.cli import main
 from mbconvert.config import ConvertConfig
 from mbconvert.errors import ConfigError, TokenizerError
-from mbconvert.vocab import coverage, prune_vocab, select_tokens
+from mbconvert.vocab import coverage, fill_tokens, prune_vocab, select_tokens
 
 EN = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "dog", "sat", "on", "a", "mat", "play", "run",
       "##ing", "##in", "##g", "##s", "##n", "##er", ".", ",", "!", "é"]
@@ -115,6 +115,54 @@ def test_vocab_size_and_min_count_select_as_specified(tokenizer):
     assert p.report["vocab_size_after"] == 7 and p.report["seen_but_dropped"] == 2
 
 
+def kl_of_reading_alone(model, tok, pruned_model, pruned_tok, word) -> float:
+    """KL from the model's class distribution on `word` read with the full vocabulary to that with the pruned one."""
+    full = logits(model, tok, [word]).double().log_softmax(-1)
+    part = logits(pruned_model, pruned_tok, [word]).double().log_softmax(-1)
+    return float((full.exp() * (full - part)).sum())
+
+
+def test_vocab_fill_gives_the_room_to_the_dropped_words_whose_loss_changes_the_prediction_most():
+    model, tok = english_student(), english_tokenizer()
+    texts = ["the cat sat"]
+    base = prune_vocab(model, tok, texts)
+    # the candidates: dropped tokens that read, alone, as themselves (never a ##piece)
+    words = [w for w in EN if tok.convert_tokens_to_ids(w) not in base.kept and tok.tokenize(w) == [w]]
+    assert "dog" in words and "##ing" not in words and len(words) >= 4
+    kl = {w: kl_of_reading_alone(model, tok, base.model, base.tokenizer, w) for w in words}
+    expected = sorted(words, key=lambda w: (-kl[w], tok.convert_tokens_to_ids(w)))[:3]
+    p = prune_vocab(model, tok, texts, size=len(base.kept) + 3, fill=True)
+    assert len(p.kept) == len(base.kept) + 3 and set(base.kept) < set(p.kept)
+    assert sorted(set(p.kept) - set(base.kept)) == sorted(tok.convert_tokens_to_ids(expected))
+    assert p.report["filled"] == 3 and p.report["seen_but_dropped"] == 0
+    for w in expected:  # a filled word reads as itself again, and the model reads it as the unpruned one did
+        assert p.tokenizer.tokenize(w) == [w]
+        torch.testing.assert_close(logits(p.model, p.tokenizer, [w]), logits(model, tok, [w]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(p.model, p.tokenizer, texts), logits(model, tok, texts), rtol=1e-5, atol=1e-5)
+    assert prune_vocab(model, tok, texts, size=len(base.kept) + 3, fill=True).kept == p.kept  # deterministic
+
+
+def test_vocab_fill_takes_every_candidate_when_the_room_exceeds_them_and_nothing_without_room(tokenizer):
+    model, tok = english_student(), english_tokenizer()
+    base = prune_vocab(model, tok, ["the cat sat"])
+    words = [w for w in EN if tok.convert_tokens_to_ids(w) not in base.kept and tok.tokenize(w) == [w]]
+    everything = fill_tokens(model, tok, base.kept, len(EN))
+    assert everything == sorted(set(base.kept) | set(tok.convert_tokens_to_ids(words)))
+    assert fill_tokens(model, tok, base.kept, len(base.kept)) == base.kept
+    capped = prune_vocab(model, tok, ["the cat sat on a mat"], size=len(base.kept), fill=True)  # full: no room
+    assert capped.report["filled"] == 0 and len(capped.kept) == len(base.kept)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        prune_vocab(model, tok, ["the cat"], fill=True)
+
+
+def test_vocab_fill_needs_prune_vocab_and_a_size():
+    with pytest.raises(ConfigError, match="--prune-vocab"):
+        ConvertConfig(vocab_fill=True)
+    with pytest.raises(ConfigError, match="--vocab-size"):
+        ConvertConfig(prune_vocab=True, vocab_fill=True)
+    assert ConvertConfig(prune_vocab=True, vocab_size=100, vocab_fill=True).vocab_fill is True
+
+
 @pytest.mark.parametrize("fields", [dict(vocab_size=0), dict(vocab_size=-3), dict(vocab_size=math.nan),
                                     dict(vocab_min_count=0), dict(vocab_min_count=-1), dict(vocab_min_count=math.nan),
                                     dict(vocab_min_count=1.5)])
@@ -180,11 +228,25 @@ def test_prune_vocab_command_writes_a_bert_folder_that_reads_like_the_source(stu
     assert (tmp_path / "from-txt" / "vocab.txt").read_bytes() == (out / "vocab.txt").read_bytes()
 
 
+def test_prune_vocab_command_fills_the_vocabulary_to_its_size(student, tokenizer, tmp_path):
+    out = tmp_path / "filled"
+    assert cli("prune-vocab", student["student"], "--vocab-from", student["train"], "--vocab-size", "300",
+               "--vocab-fill", "-o", out) == 0
+    report = json.loads((out / "vocabulary.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == report["vocab_size_after"] == 300 and report["filled"] > 0
+    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    train = [r["text"] for r in helpers.read_jsonl(student["train"])]
+    source = AutoModelForSequenceClassification.from_pretrained(str(student["student"])).eval()
+    torch.testing.assert_close(logits(model, tok, train), logits(source, tokenizer, train), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("args, says", [
     (["--vocab-from", "{train}"], "--prune-vocab"),  # a vocabulary option alone is refused, not ignored
     (["--prune-vocab"], "--vocab-from"),  # no texts to keep the tokens of
     (["--prune-vocab", "--vocab-from", "{dir}/missing.txt"], "missing.txt"),
     (["--prune-vocab", "--train", "{train}", "--vocab-size", "4"], "special tokens"),
+    (["--prune-vocab", "--train", "{train}", "--vocab-fill"], "--vocab-size"),
 ])
 def test_a_pruning_without_texts_or_with_impossible_values_is_one_line_exit_2(args, says, student, tmp_path, capsys):
     out = tmp_path / "out"
