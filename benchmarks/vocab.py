@@ -8,7 +8,8 @@ export_checkpoint with formats onnx and onnx-int8) with the same mapping setting
 recovery settings from benchmarks/run.py (AG News: bf16, token mixing, final weights), `--steps` optimiser steps,
 no early stop, evaluated on the dev split (which also picks the kept weights where the suite keeps the best
 ones). The pruned vocabulary keeps the special tokens and every token of the suite's training texts (all rows of
-train.jsonl, min count 1, no size cap), as `mbconvert --prune-vocab` does by default. Per variant it reports the
+train.jsonl, min count 1, no size cap), as `mbconvert --prune-vocab` does by default; `--vocab-size K --vocab-fill`
+fills the room left up to K as `mbconvert --vocab-fill` does (mbconvert.vocab.fill_tokens). Per variant it reports the
 vocabulary size, parameters, FP32 and INT8 ONNX file sizes, the [UNK] coverage on the test texts
 (mbconvert.vocab.coverage: tokens and texts that become [UNK] and did not before), test accuracy of the ONNX FP32 and
 INT8 files (the export's own check on every test row), and pruned − unpruned in points, with a paired bootstrap

@@ -95,8 +95,7 @@ def fill_tokens(model, tokenizer, kept: list[int], size: int, batch_size: int = 
     if room <= 0 or not dropped:
         return sorted(kept)
     strings = [old[i] for i in dropped]
-    reads = [ids for ids in _ids(tokenizer, strings)]
-    words = [(i, w) for i, w, ids in zip(dropped, strings, reads) if ids == [i]]
+    words = [(i, w) for i, w, ids in zip(dropped, strings, _ids(tokenizer, strings)) if ids == [i]]
     if not words:
         return sorted(kept)
     texts = Examples([w for _, w in words], None, None)
