@@ -165,7 +165,7 @@ def test_vocab_fill_needs_prune_vocab_and_a_size():
 
 @pytest.mark.parametrize("fields", [dict(vocab_size=0), dict(vocab_size=-3), dict(vocab_size=math.nan),
                                     dict(vocab_min_count=0), dict(vocab_min_count=-1), dict(vocab_min_count=math.nan),
-                                    dict(vocab_min_count=1.5)])
+                                    dict(vocab_min_count=1.5), dict(vocab_fill="yes", vocab_size=100)])
 def test_impossible_vocabulary_options_are_config_errors(fields):
     with pytest.raises(ConfigError, match=next(iter(fields))):
         ConvertConfig(prune_vocab=True, **fields)
