@@ -211,7 +211,7 @@ def prune_vocab(model, tokenizer, texts, *, min_count: int = 1, size: int | None
                 fill: bool = False) -> PrunedVocab:
     """Prune `model`'s word embeddings and `tokenizer` to the special tokens and the tokens of `texts` (a list of
     texts or `Examples`) seen at least `min_count` times, at most `size` entries (specials included); with `fill`,
-    exactly `size` entries where the tokenizer has that many: the room left goes to `fill_tokens`."""
+    the room left below `size` goes to `fill_tokens` (as many dropped whole words as fit)."""
     if fill and size is None:
         raise ConfigError("filling the vocabulary needs its size (vocab_size)")
     _backend(tokenizer)
