@@ -337,10 +337,10 @@ def main() -> None:
                + (f"-v{args.vocab_size}" if args.vocab_size else "") + ("-fill" if args.vocab_fill else "")
                + ("-e4" if args.embedding_bits == 4 else "")
                + (f"-s{args.seed}" if args.seed else ""))
+    if args.vocab_fill and args.vocab_size is None:  # ConvertConfig refuses it too, but only after the unpruned run
+        p.error("--vocab-fill fills the vocabulary up to --vocab-size: pass it")
     for name in ("steps", "train_rows", "bottleneck", "threads", "ffn", "vocab_size", "vocab_min_count"):
         value = getattr(args, name)
-        if args.vocab_fill and args.vocab_size is None:
-            p.error("--vocab-fill fills the vocabulary up to --vocab-size: pass it")
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, not {value}")
     command = shlex.join(["python", "benchmarks/vocab.py", *sys.argv[1:]])
